@@ -1,0 +1,299 @@
+"""Typed training configuration, loaded and validated once at the boundary.
+
+A training config is a YAML mapping of sections (``model``, ``loss``, ``optim``,
+``data``, ``train``, ``eval``); every key is checked against the dataclasses
+below, so a typo is an error that names the file and key and suggests the
+nearest valid key, never a silently ignored setting. Search spaces
+(``stain_search.spaces``) address the same fields with dotted keys such as
+``loss.lambda_cycle``: :func:`apply_overrides` is the one place they land.
+
+Defaults reproduce the CycleGAN reference (Zhu et al., 2017;
+junyanz/pytorch-CycleGAN-and-pix2pix) where a reference exists, scaled down
+only where that reference is silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+import yaml
+
+from stain_search.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # U-Net generators G: X→Y (H&E → stain) and F: Y→X.
+    generator: str = "unet"
+    ngf: int = 64  # width of the first U-Net level (CycleGAN reference: 64)
+    depth: int = 5  # down-sampling levels; the crop must be divisible by 2**depth
+    norm: Literal["instance", "batch", "none"] = "instance"  # reference: instance
+    dropout: bool = False  # reference CycleGAN trains without dropout
+    attention: Literal["none", "gates", "self", "both"] = "none"
+    # gates: attention gates on skip connections (Oktay et al., 2018);
+    # self: SAGAN self-attention at the bottleneck (Zhang et al., 2019).
+    attention_channels_ratio: float = 0.5  # gate intermediate width / skip width
+    # reflect: no dark borders, so tiles of a slide join without seams;
+    # zeros: the reference CycleGAN's exact layout.
+    padding: Literal["reflect", "zeros"] = "reflect"
+    # VGG-style discriminators D_X, D_Y: stacks of 3x3 convs, patch output.
+    discriminator: str = "vgg"
+    ndf: int = 64
+    d_blocks: int = 3  # stride-2 blocks; receptive field grows with each
+    spectral_norm: bool = False  # Miyato et al., 2018; stabilises D
+
+
+@dataclass
+class LossConfig:
+    gan_mode: Literal["lsgan", "vanilla", "hinge"] = "lsgan"  # reference: lsgan
+    lambda_cycle: float = 10.0  # λ, the CycleGAN paper's value
+    # Identity weight as a fraction of λ, as in the reference (0.5 → 0.5·λ).
+    lambda_identity: float = 0.5
+    r1_gamma: float = 0.0  # R1 penalty (γ/2)·E‖∇D(x_real)‖²; 0 turns it off
+    r1_interval: int = 1  # lazy R1: apply every k D steps, scaled by k (StyleGAN2)
+
+
+@dataclass
+class OptimConfig:
+    # adam | optimistic_adam | extra_adam; TTUR = a different lr_d from lr_g.
+    name: str = "adam"
+    lr_g: float = 2e-4  # reference: 2e-4 for G and D
+    lr_d: float | None = None  # None → same as lr_g (no TTUR)
+    beta1: float = 0.5  # reference: 0.5, the usual GAN momentum
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    # A folder in one of the supported layouts, or builtin:<name>.
+    path: str = "builtin:phantom-trichrome"
+    layout: Literal["auto", "cyclegan", "bci", "mist", "pair"] = "auto"
+    crop: int = 64  # training crop; reference uses 256 after a 286 resize
+    load_size: int | None = None  # resize shorter side first (None: native)
+    batch_size: int = 1  # reference: 1
+    num_workers: int = 0
+    flip: bool = True
+    rot90: bool = True  # tissue has no up: 90° rotations are free augmentation
+    max_images: int | None = None  # cap per domain, for quick runs
+    eval_images: int = 16  # evaluation subset (pairs where they exist)
+    eval_crop: int | None = None  # centre crop for evaluation (None: crop)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Of the epochs, the last `decay_epochs` decay the LR linearly to zero
+    # (reference: 100 constant + 100 decaying).
+    decay_epochs: int = 0
+    steps_per_epoch: int | None = None  # None: one pass over the larger domain
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA
+    pool_size: int = 50  # image history buffer for D (Shrivastava et al.; reference)
+    eval_every: int = 1  # epochs between evaluations (the last epoch always)
+    checkpoint_every: int = 1
+    sample_images: int = 4  # rows of the sample grid
+
+
+@dataclass
+class EvalConfig:
+    # Local file with the standard pt_inception-2015-12-05 weights. Without
+    # one (and none in torch-fidelity's cache), FID cannot be computed; the
+    # Fréchet distance is then taken on fixed random features and logged as
+    # `fd_random`, never as `fid`.
+    fid_weights: str | None = None
+    feature_extractor: Literal["auto", "inception", "random"] = "auto"
+    batch_size: int = 8
+    ki67_f1: bool = True  # positive-nucleus F1 where the dataset has DAB
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys → values, e.g. {"loss.lambda_cycle": 10.0, ...}."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def validate(self) -> "Config":
+        """Cross-field checks that single types cannot express."""
+        m, d = self.model, self.data
+        for key, value in [("model.ngf", m.ngf), ("model.depth", m.depth), ("model.ndf", m.ndf),
+                           ("model.d_blocks", m.d_blocks), ("data.crop", d.crop),
+                           ("data.batch_size", d.batch_size), ("train.epochs", self.train.epochs),
+                           ("loss.r1_interval", self.loss.r1_interval),
+                           ("train.eval_every", self.train.eval_every)]:
+            if value < 1:
+                raise ConfigError(f"`{key}` must be at least 1, got {value}")
+        for key, value in [("loss.lambda_cycle", self.loss.lambda_cycle),
+                           ("loss.lambda_identity", self.loss.lambda_identity),
+                           ("loss.r1_gamma", self.loss.r1_gamma),
+                           ("train.decay_epochs", self.train.decay_epochs)]:
+            if value < 0:
+                raise ConfigError(f"`{key}` must not be negative, got {value}")
+        for key, value in [("optim.lr_g", self.optim.lr_g), ("optim.lr_d", self.optim.lr_d)]:
+            if value is not None and not value > 0:
+                raise ConfigError(f"`{key}` must be positive, got {value}")
+        if self.train.decay_epochs > self.train.epochs:
+            raise ConfigError(f"`train.decay_epochs` ({self.train.decay_epochs}) cannot exceed "
+                              f"`train.epochs` ({self.train.epochs})")
+        for key, size in [("data.crop", d.crop), ("data.eval_crop", d.eval_crop)]:
+            if size is not None and size % (2 ** m.depth):
+                raise ConfigError(
+                    f"`{key}` = {size} is not divisible by 2**model.depth = {2 ** m.depth}: "
+                    f"the U-Net halves the image {m.depth} times. Use a crop that is a "
+                    f"multiple of {2 ** m.depth} or a smaller `model.depth`.")
+        if m.attention in ("self", "both") and d.crop // 2 ** m.depth < 2:
+            raise ConfigError(
+                f"`model.attention` = {m.attention!r} needs a bottleneck of at least 2x2, but "
+                f"data.crop {d.crop} / 2**model.depth {2 ** m.depth} leaves 1x1: use a larger "
+                f"crop or a smaller depth (e.g. crop 64, depth 4)")
+        if d.crop < 2 ** (m.d_blocks + 1):
+            raise ConfigError(f"`data.crop` = {d.crop} is too small for model.d_blocks = "
+                              f"{m.d_blocks} (needs at least {2 ** (m.d_blocks + 1)} px)")
+        if not m.attention_channels_ratio > 0:
+            raise ConfigError(f"`model.attention_channels_ratio` must be positive, got "
+                              f"{m.attention_channels_ratio}")
+        return self
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+            "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def field_types(section: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``loss.lambda_cycle``."""
+    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in field_types(cls)]
+
+
+def suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
+def coerce(value: Any, annotation: Any, *, key: str, where: str) -> Any:
+    """Check (and gently coerce int→float) one value against its annotation."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        options = get_args(annotation)
+        if value not in options:
+            raise ConfigError(f"{where}`{key}`: {value!r} is not one of "
+                              f"{', '.join(map(repr, options))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key=key, where=where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is list:
+        if isinstance(value, list):
+            return value
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{where}`{key}`: expected {type_name}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def apply_overrides(config: Config, overrides: Mapping[str, Any], *, where: str = "") -> Config:
+    """Return a copy of ``config`` with dotted keys replaced, each one checked."""
+    where = f"{where}: " if where else ""
+    sections = {name: dataclasses.replace(getattr(config, name)) for name in SECTIONS}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"{where}`{key}`: unknown key{suggest(key, all_keys())}")
+        types_ = field_types(SECTIONS[section])
+        if name not in types_:
+            raise ConfigError(f"{where}`{key}`: unknown key{suggest(key, all_keys())}")
+        setattr(sections[section], name, coerce(value, types_[name], key=key, where=where))
+    return Config(**sections)
+
+
+def from_dict(raw: Mapping[str, Any] | None, *, where: str = "") -> Config:
+    """Build a validated Config from a nested mapping (sections of keys)."""
+    raw = raw or {}
+    prefix = f"{where}: " if where else ""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}expected a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{prefix}`{section}`: unknown section"
+                              f"{suggest(str(section), list(SECTIONS))} "
+                              f"(sections: {', '.join(SECTIONS)})")
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{prefix}`{section}`: expected a mapping of keys, "
+                              f"got {body!r}")
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    config = apply_overrides(Config(), flat, where=where)
+    try:
+        return config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file with the safe loader; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a training config YAML (or the defaults) and apply dotted overrides."""
+    config = from_dict(read_yaml(path), where=str(path)) if path else Config()
+    if overrides:
+        config = apply_overrides(config, overrides, where=str(path or "overrides")).validate()
+    return config

@@ -1,0 +1,26 @@
+"""Errors a user can fix.
+
+Library code raises these; the CLI turns them into one line on stderr and exit
+status 2, never a traceback. Anything else that escapes is a bug.
+"""
+
+from __future__ import annotations
+
+
+class StainSearchError(Exception):
+    """Bad input from the user (a config key, a data folder, an image...).
+
+    The message must say what is wrong, where (file/key), and how to fix it.
+    """
+
+
+class ConfigError(StainSearchError):
+    """A YAML file or key that cannot be used."""
+
+
+class DataError(StainSearchError):
+    """A data folder or image that cannot be used."""
+
+
+class TrainingDiverged(StainSearchError):
+    """A loss became NaN or infinite; the trial cannot continue."""
