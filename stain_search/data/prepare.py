@@ -1,0 +1,278 @@
+"""`stain-search data prepare`: cut large images into a training dataset.
+
+Whole slides and large fields are cut into ``tile`` × ``tile`` tiles (with
+optional overlap); tiles that are mostly glass are dropped with a tissue
+mask — Otsu's threshold on colour saturation (Otsu, 1979; as whole-slide
+tools such as TIAToolbox's ``OtsuTissueMasker`` do), because glass is grey
+whatever the lamp's brightness while stained tissue is coloured. The
+three-class variant (glass / pale tissue / dense tissue) keeps pale
+stroma that two-class Otsu would call glass. Pale IHC (haematoxylin-only
+stroma) is nearly grey and still partly missed on its own — hence the
+pair rule below. The result is a CycleGAN
+layout (``trainA/ trainB/ testA/ testB/``) plus ``manifest.parquet``, one
+row per tile: where it came from and where it went.
+
+Splits: a source that already has train/test splits (cyclegan, bci, mist
+layouts) keeps them, so no slide leaks from train into test. A ``pair``
+source (flat ``A/`` and ``B/`` folders, often one slide each) is split per
+tile by hashing (name, x, y), at ``test_fraction``.
+
+Sources with the same name and size in A and B (a registered pair, e.g.
+consecutive sections) are cut at the same positions and kept or dropped
+together, by the tissue in the H&E image: pale IHC tissue would otherwise
+be mistaken for glass, and test tiles stay pairs (same file name).
+
+The output is written to a temporary folder and renamed at the end, so an
+error or interruption never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import ndimage
+from skimage.filters import threshold_multiotsu
+
+from stain_search.data.folders import (LAYOUTS, detect_layout, list_images, name_fraction,
+                                       pair_folders, resolve_dataset)
+from stain_search.data.io import image_size, open_image, write_image
+from stain_search.errors import ConfigError, DataError
+
+# The Otsu threshold is clipped into this saturation range, measured on the
+# BCI/MIST samples: glass sits below 0.02 (JPEG chroma noise), and a cut
+# above 0.10 means an image with no glass at all, where Otsu splits the
+# tissue instead of separating it from glass.
+SATURATION_RANGE = (0.02, 0.10)
+MIN_BRIGHTNESS = 40  # darker pixels (labels, black borders) are not tissue
+
+MANIFEST_SCHEMA = pa.schema([
+    ("source", pa.string()), ("domain", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
+    ("tile", pa.int32()), ("tissue_fraction", pa.float32()), ("split", pa.string()),
+    ("path", pa.string())])
+
+
+# --- tissue mask -----------------------------------------------------------------
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 → (H, W) HSV saturation in [0, 1]."""
+    rgb = rgb.astype(np.float32)
+    top, bottom = rgb.max(-1), rgb.min(-1)
+    return np.where(top > 0, (top - bottom) / np.maximum(top, 1.0), 0.0)
+
+
+def tissue_threshold(rgb: np.ndarray) -> float:
+    """Saturation threshold for an image (a thumbnail will do): the lower of
+    three-class Otsu's two cuts, clipped into :data:`SATURATION_RANGE`."""
+    sat = ndimage.gaussian_filter(saturation(rgb), 1.0)
+    try:
+        cut = threshold_multiotsu(sat, classes=3)[0]
+    except ValueError:  # fewer than three grey levels: blank glass
+        cut = SATURATION_RANGE[0]
+    return float(np.clip(cut, *SATURATION_RANGE))
+
+
+def tissue_mask(rgb: np.ndarray, *, threshold: float | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 → (H, W) bool, True on tissue.
+
+    ``threshold`` (saturation) defaults to :func:`tissue_threshold` of this
+    image; pass a whole slide's threshold when masking its tiles.
+    """
+    if threshold is None:
+        threshold = tissue_threshold(rgb)
+    sat = ndimage.gaussian_filter(saturation(rgb), 3.0)  # tissue regions, not single pixels
+    return (sat > threshold) & (rgb.max(-1) >= MIN_BRIGHTNESS)
+
+
+# --- sources ----------------------------------------------------------------------
+
+@dataclass
+class Source:
+    path: Path
+    domain: str  # "A" or "B"
+    split: str | None  # "train" / "test", or None: split per tile
+
+
+def _gather(src: str | Path, layout: str) -> tuple[list[Source], str]:
+    """Every source image with its domain and (if the layout has one) split."""
+    root = Path(src).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (the images to tile)")
+    if layout == "auto":
+        layout = detect_layout(root)
+    elif layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+    if layout == "pair":
+        folders = pair_folders(root)
+        if folders is None:
+            raise DataError(f"{root}: missing folders for the pair layout "
+                            f"(expected {LAYOUTS['pair'].expected})")
+        sources = [Source(p, domain, None) for domain, folder in zip("AB", folders)
+                   for p in list_images(folder)]
+        for domain, folder in zip("AB", folders):
+            if not any(s.domain == domain for s in sources):
+                raise DataError(f"{folder}: no images to tile")
+        return sources, layout
+    files = resolve_dataset(root, layout)
+    return ([Source(p, d, s) for (d, s, paths) in [
+        ("A", "train", files.train_a), ("B", "train", files.train_b),
+        ("A", "test", files.test_a), ("B", "test", files.test_b)] for p in paths], layout)
+
+
+def _check_unique(sources: list[Source]) -> None:
+    seen: dict[tuple[str, str | None, str], Path] = {}
+    for s in sources:
+        key = (s.domain, s.split, s.path.stem)
+        if key in seen:
+            raise DataError(f"{s.path} and {seen[key]} share the name {s.path.stem!r}; tiles "
+                            f"are named after their source, so rename one of them")
+        seen[key] = s.path
+
+
+# --- tiling -----------------------------------------------------------------------
+
+def _positions(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Top-left (y, x) of every whole tile; a strip narrower than a tile at
+    the right/bottom edge is left out."""
+    step = tile - overlap
+    return [(y, x) for y in range(0, height - tile + 1, step)
+            for x in range(0, width - tile + 1, step)]
+
+
+def _tile_split(stem: str, y: int, x: int, *, test_fraction: float, seed: int) -> str:
+    return "test" if name_fraction(f"{stem}:{x}:{y}", seed=seed) < test_fraction else "train"
+
+
+@dataclass
+class _Job:
+    """Sources cut together: one image, or a same-named, same-sized A/B pair."""
+
+    stem: str
+    split: str | None
+    paths: dict[str, Path]  # domain → source; "A" decides what is tissue when both
+
+
+def _jobs(sources: list[Source]) -> list[_Job]:
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for s in sources:
+        groups.setdefault((s.split or "", s.path.stem), {})[s.domain] = s.path
+    jobs = []
+    for (split, stem), paths in sorted(groups.items()):
+        if len({image_size(p) for p in paths.values()}) == 1:
+            jobs.append(_Job(stem, split or None, paths))
+        else:  # same name, different size: not registered, cut each on its own
+            jobs += [_Job(stem, split or None, {d: p}) for d, p in paths.items()]
+    return jobs
+
+
+def _cut(job: _Job, tmp: Path, *, tile: int, overlap: int, min_tissue: float,
+         test_fraction: float, seed: int) -> list[dict]:
+    """Write the kept tiles of one job; return their manifest rows."""
+    images = {d: open_image(p) for d, p in job.paths.items()}
+    thresholds = {d: tissue_threshold(im.thumbnail()) for d, im in images.items()}
+    decider = "A" if "A" in images else next(iter(images))
+    ref = images[decider]
+    rows = []
+    for y, x in _positions(ref.height, ref.width, tile, overlap):
+        tiles = {d: im.read(y, x, tile, tile) for d, im in images.items()}
+        fractions = {d: float(tissue_mask(t, threshold=thresholds[d]).mean())
+                     for d, t in tiles.items()}
+        if fractions[decider] < min_tissue:
+            continue
+        split = job.split or _tile_split(job.stem, y, x, test_fraction=test_fraction, seed=seed)
+        name = f"{job.stem}__x{x:06d}_y{y:06d}.png"
+        for domain, pixels in tiles.items():
+            rel = f"{split}{domain}/{name}"
+            write_image(tmp / rel, pixels)
+            rows.append({"source": str(job.paths[domain].resolve()), "domain": domain,
+                         "x": x, "y": y, "tile": tile, "tissue_fraction": fractions[domain],
+                         "split": split, "path": rel})
+    return rows
+
+
+def _ensure_test_tiles(rows: list[dict], tmp: Path, *, seed: int) -> None:
+    """Tile-split sources: if hashing sent no tile of a domain to test, move
+    the one that hashes lowest (with its partner, keeping the pair)."""
+    for domain in "AB":
+        if any(r["domain"] == domain and r["split"] == "test" for r in rows):
+            continue
+        train = [r for r in rows if r["domain"] == domain]
+        if len(train) < 2:
+            continue  # nothing to spare; the final check reports the empty split
+        name = min((Path(r["path"]).name for r in train),
+                   key=lambda n: name_fraction(n, seed=seed))
+        for r in rows:
+            if Path(r["path"]).name == name and r["split"] == "train":
+                new = f"test{r['domain']}/{name}"
+                (tmp / new).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / r["path"], tmp / new)
+                r["split"], r["path"] = "test", new
+
+
+def _check_complete(out: Path, rows: list[dict], min_tissue: float) -> None:
+    for split in ("train", "test"):
+        for domain in "AB":
+            if not any(r["split"] == split and r["domain"] == domain for r in rows):
+                raise DataError(
+                    f"{out}: no tiles for {split}{domain} ({len(rows)} tiles in all with "
+                    f"min_tissue={min_tissue}); use a smaller tile, a lower min_tissue, or "
+                    f"more source images (nothing was written)")
+
+
+def _write_manifest(path: Path, rows: list[dict], params: dict) -> None:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = table.replace_schema_metadata({"stain_search.prepare": json.dumps(params)})
+    pq.write_table(table, path)
+
+
+def prepare_dataset(src: str | Path, out: str | Path, *, layout: str = "auto", tile: int = 256,
+                    overlap: int = 0, min_tissue: float = 0.5, test_fraction: float = 0.1,
+                    seed: int = 0) -> Path:
+    """Tile the images under ``src`` into a CycleGAN-layout dataset at ``out``.
+
+    ``min_tissue``: the least tissue fraction a kept tile has;
+    ``test_fraction`` and ``seed`` split tiles of sources without a split.
+    Returns ``out``.
+    """
+    if tile < 16 or not 0 <= overlap < tile:
+        raise ConfigError(f"tile must be ≥ 16 px and 0 ≤ overlap < tile; got tile={tile}, "
+                          f"overlap={overlap}")
+    if not 0 <= min_tissue <= 1 or not 0 < test_fraction < 1:
+        raise ConfigError(f"min_tissue must be in [0, 1] and test_fraction in (0, 1); got "
+                          f"{min_tissue}, {test_fraction}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; choose a new folder or "
+                        f"delete it")
+    sources, layout = _gather(src, layout)
+    _check_unique(sources)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        rows: list[dict] = []
+        for job in _jobs(sources):
+            rows += _cut(job, tmp, tile=tile, overlap=overlap, min_tissue=min_tissue,
+                         test_fraction=test_fraction, seed=seed)
+        if layout == "pair":
+            _ensure_test_tiles(rows, tmp, seed=seed)
+        _check_complete(out, rows, min_tissue)
+        rows.sort(key=lambda r: (r["split"], r["domain"], r["path"]))
+        _write_manifest(tmp / "manifest.parquet", rows, {
+            "source": str(Path(src).expanduser().resolve()), "layout": layout, "tile": tile,
+            "overlap": overlap, "min_tissue": min_tissue, "test_fraction": test_fraction,
+            "seed": seed})
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
