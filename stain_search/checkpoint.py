@@ -1,0 +1,96 @@
+"""Checkpoints: a folder per epoch, written atomically, loaded without pickle.
+
+    checkpoint_epoch_0003/
+        state.pt     tensors and plain containers only (torch.load weights_only=True)
+        meta.json    format tag, epoch, metrics, the resolved config
+
+A checkpoint folder is built under a temporary name and renamed into place
+in one step, so a crash mid-write leaves a stray ``.tmp-*`` folder that no
+reader picks, never a half checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stain_search.errors import StainSearchError
+
+FORMAT = "stain-search-checkpoint/1"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+PREFIX = "checkpoint_epoch_"
+
+
+class CheckpointError(StainSearchError):
+    """A folder or file that is not a usable stain-search checkpoint."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{PREFIX}{epoch:04d}"
+
+
+def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path:
+    """Write state + meta into ``folder`` (created; must not exist yet)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+        if folder.exists():  # re-written after a resume: replace, never merge
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not (folder / STATE_FILE).is_file() or not meta_path.is_file():
+        raise CheckpointError(f"{folder}: not a stain-search checkpoint "
+                              f"(expected {STATE_FILE} and {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}: checkpoint format {meta.get('format')!r} is not "
+                              f"{FORMAT!r}; it was not written by this version of stain-search")
+    return meta
+
+
+def read_checkpoint(folder: Path, *, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Return (state, meta). Never executes pickled code."""
+    meta = read_meta(folder)
+    try:
+        state = torch.load(Path(folder) / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not ours"
+        raise CheckpointError(f"{Path(folder) / STATE_FILE}: cannot be loaded safely "
+                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return state, meta
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest epoch first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and (p / META_FILE).is_file()
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None

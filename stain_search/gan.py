@@ -1,0 +1,229 @@
+"""The CycleGAN update, step by step (Zhu et al., 2017, "Unpaired Image-to-Image
+Translation using Cycle-Consistent Adversarial Networks").
+
+Paper names → code names:
+    X = H&E domain ("A"),  Y = target-stain domain ("B")
+    G: X → Y  (the model users deploy)      F: Y → X
+    D_Y judges stain images, D_X judges H&E images
+    λ = loss.lambda_cycle; identity weight = λ · loss.lambda_identity
+    R1 (Mescheder et al., 2018): (γ/2)·E‖∇D(y_real)‖², every k D-steps (lazy)
+
+One short function per update (`generator_step`, `discriminator_step`), a
+line per loss term, and LOSS_NAMES driving what is logged. Data parallelism
+is explicit (`sync_gradients`): the alternating G/D updates, R1's double
+backward and extragradient's two gradient evaluations per step do not fit
+DistributedDataParallel's one-forward-one-backward reducer, so gradients are
+averaged with one all-reduce per network group over the same process group
+(gloo on CPU, NCCL on GPU) that Ray Train sets up.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stain_search.config import Config
+from stain_search.errors import TrainingDiverged
+from stain_search.losses import cycle_loss, gan_loss, identity_loss, r1_term
+from stain_search.models import build_discriminator, build_generator, init_weights
+from stain_search.optim import build_optimizers, minmax_step
+from stain_search.pool import ImagePool
+
+# Every loss the step reports, in the order a person reads them.
+LOSS_NAMES = ("loss_D_X", "loss_D_Y", "loss_G", "loss_F", "loss_cycle", "loss_identity", "loss_R1")
+
+
+def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
+    # Freezing D during the G step saves its weight gradients (reference trick).
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a distributed job."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sync_gradients(params: list[nn.Parameter]) -> None:
+    """Average gradients across workers with one flattened all-reduce."""
+    _, size = world()
+    if size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(module: nn.Module) -> None:
+    """Start every worker from rank 0's weights (as DDP does at construction)."""
+    if world()[1] == 1:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # real H&E, (B, 3, H, W) in [-1, 1]
+    y: torch.Tensor  # real stain, (B, 3, H, W) in [-1, 1]
+
+
+class CycleGAN(nn.Module):
+    """The four networks, their optimisers and the image pools."""
+
+    def __init__(self, config: Config, *, device: torch.device, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.device = device
+        torch.manual_seed(seed)  # identical initial weights on every worker
+        self.G = build_generator(config.model)  # X → Y
+        self.F = build_generator(config.model)  # Y → X
+        self.D_X = build_discriminator(config.model)
+        self.D_Y = build_discriminator(config.model)
+        for net in (self.G, self.F, self.D_X, self.D_Y):
+            init_weights(net)
+        self.to(device)
+        self.gan = gan_loss(config.loss.gan_mode)
+        self.opt_g, self.opt_d = build_optimizers(
+            list(self.G.parameters()) + list(self.F.parameters()),
+            list(self.D_X.parameters()) + list(self.D_Y.parameters()),
+            config.optim)
+        self.pool_x = ImagePool(config.train.pool_size, seed=seed + 1)
+        self.pool_y = ImagePool(config.train.pool_size, seed=seed + 2)
+        self.steps = 0  # optimiser steps taken (drives lazy R1 and extragradient)
+        use_bf16 = (config.train.precision == "bf16"
+                    or (config.train.precision == "auto" and device.type == "cuda"))
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+            if use_bf16 else nullcontext
+
+    @property
+    def generator_params(self) -> list[nn.Parameter]:
+        return list(self.G.parameters()) + list(self.F.parameters())
+
+    @property
+    def discriminator_params(self) -> list[nn.Parameter]:
+        return list(self.D_X.parameters()) + list(self.D_Y.parameters())
+
+    def broadcast(self) -> None:
+        broadcast_parameters(self)
+
+    # --- the two updates -------------------------------------------------------
+
+    def generator_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Update G and F against frozen D_X, D_Y; return losses and fakes."""
+        lam, lam_id = self.config.loss.lambda_cycle, self.config.loss.lambda_identity
+        x, y = batch.x, batch.y
+        set_requires_grad([self.D_X, self.D_Y], False)
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            fake_y = self.G(x)  # G(x): H&E → stain
+            rec_x = self.F(fake_y)  # F(G(x)) ≈ x
+            fake_x = self.F(y)  # F(y): stain → H&E
+            rec_y = self.G(fake_x)  # G(F(y)) ≈ y
+            losses = {
+                "loss_G": self.gan.g_loss(self.D_Y(fake_y)),
+                "loss_F": self.gan.g_loss(self.D_X(fake_x)),
+                "loss_cycle": lam * (cycle_loss(rec_x, x) + cycle_loss(rec_y, y)),
+            }
+            if lam_id > 0:  # G should leave a stain image as it is (and F an H&E one)
+                losses["loss_identity"] = lam * lam_id * (identity_loss(self.G(y), y)
+                                                          + identity_loss(self.F(x), x))
+        total = sum(losses.values())
+        check_finite(losses, step=self.steps)
+        total.backward()
+        sync_gradients(self.generator_params)
+        self._optimizer_step(self.opt_g)
+        set_requires_grad([self.D_X, self.D_Y], True)
+        return losses, {"fake_x": fake_x.detach(), "fake_y": fake_y.detach()}
+
+    def discriminator_step(self, batch: Batch, fakes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Update D_X and D_Y on real images and pooled past fakes (+ lazy R1)."""
+        gamma, k = self.config.loss.r1_gamma, self.config.loss.r1_interval
+        # With extragradient, steps 2j and 2j+1 make one update: both see R1
+        # together, so a lazy interval never puts it in the look-ahead alone.
+        update = self.steps // 2 if self.extragradient else self.steps
+        with_r1 = gamma > 0 and update % k == 0
+        self.opt_d.zero_grad(set_to_none=True)
+        fake_y = self.pool_y.query(fakes["fake_y"])
+        fake_x = self.pool_x.query(fakes["fake_x"])
+        losses: dict[str, torch.Tensor] = {}
+        r1 = torch.zeros((), device=self.device)
+        for name, D, real, fake in (("loss_D_Y", self.D_Y, batch.y, fake_y),
+                                    ("loss_D_X", self.D_X, batch.x, fake_x)):
+            real = real.detach().requires_grad_(with_r1)
+            with self.autocast():
+                real_logits = D(real)
+                fake_logits = D(fake.detach())
+                losses[name] = self.gan.d_loss(real_logits, fake_logits)
+            if with_r1:  # in fp32: the penalty is a gradient norm, sensitive to rounding
+                r1 = r1 + r1_term(real_logits.float(), real, gamma=gamma, interval=k)
+        losses["loss_R1"] = r1
+        check_finite(losses, step=self.steps)
+        sum(losses.values()).backward()
+        sync_gradients(self.discriminator_params)
+        self._optimizer_step(self.opt_d)
+        return losses
+
+    @property
+    def extragradient(self) -> bool:
+        return getattr(self.opt_g, "needs_extrapolation", False)
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Extragradient (Gidel et al., 2019) alternates a look-ahead step and
+        # an update from the look-ahead gradient, as their reference code does.
+        minmax_step(optimizer, iteration=self.steps)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        g_losses, fakes = self.generator_step(batch)
+        d_losses = self.discriminator_step(batch, fakes)
+        self.steps += 1
+        out = {name: 0.0 for name in LOSS_NAMES}
+        out.update({k: float(v.detach()) for k, v in {**g_losses, **d_losses}.items()})
+        return out
+
+    # --- state ---------------------------------------------------------------
+
+    def state_dict_full(self) -> dict:
+        """Everything needed to resume exactly (nets, optimisers, pools, step)."""
+        return {
+            "G": self.G.state_dict(), "F": self.F.state_dict(),
+            "D_X": self.D_X.state_dict(), "D_Y": self.D_Y.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "pool_x": self.pool_x.state_dict(), "pool_y": self.pool_y.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict_full(self, state: dict) -> None:
+        for name in ("G", "F", "D_X", "D_Y"):
+            getattr(self, name).load_state_dict(state[name])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.pool_x.load_state_dict(state["pool_x"])
+        self.pool_y.load_state_dict(state["pool_y"])
+        self.steps = int(state["steps"])
+
+
+def check_finite(losses: dict[str, torch.Tensor], *, step: int) -> None:
+    """Stop at the first NaN/inf: a diverged GAN never recovers, and later
+    epochs would only waste compute and pollute the search with garbage."""
+    for name, value in losses.items():
+        v = float(value.detach())
+        if not math.isfinite(v):
+            raise TrainingDiverged(
+                f"{name} became {v} at step {step}: training diverged. Lower the "
+                f"learning rate (optim.lr_g / optim.lr_d) or add an R1 penalty (loss.r1_gamma).")
