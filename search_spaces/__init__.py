@@ -1,0 +1,1 @@
+"""Bundled search spaces (YAML); `stain-search spaces` lists them."""

@@ -1,0 +1,427 @@
+"""Search-space files: parse, validate (one clear line per mistake), and
+turn into Optuna suggestions.
+
+    name: lambda
+    description: Cycle-consistency weight λ and identity weight.
+    data: builtin:phantom-trichrome        # optional; --data overrides
+    base:                                  # fixed training settings (dotted keys)
+      train.epochs: 6
+    space:                                 # what Optuna explores
+      loss.lambda_cycle:    {distribution: loguniform, low: 1, high: 50}
+      model.attention:      {distribution: choice, choices: [none, gates]}
+      model.attention_channels_ratio:      # conditional: only when gates are on
+        {distribution: uniform, low: 0.25, high: 1.0, when: {model.attention: [gates]}}
+    objective: {metric: frechet, mode: min}      # or a list → Pareto search
+    search: {algorithm: tpe, num_samples: 8, max_concurrent: 2, seed: 0,
+             early_stopping: {pruner: median, grace_period: 2}}
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+
+`frechet` names whichever Fréchet distance the run can honestly compute: `fid`
+with the standard Inception weights, else `fd_random` (see metrics.frechet);
+it is resolved here, before Ray starts, and only the resolved name is logged.
+Every key is checked against the training config (stain_search.config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from stain_search import config as cfg
+from stain_search.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
+    SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
+
+TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "search", "resources")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
+ALGORITHMS = ("tpe", "random", "nsga2")
+PRUNERS = ("none", "median", "successive_halving")
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # dotted training-config key
+    distribution: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: tuple = ()
+    when: tuple[tuple[str, tuple], ...] = ()  # ((parent key, allowed values), ...)
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str  # "min" | "max"
+
+
+@dataclass
+class EarlyStopping:
+    pruner: str = "none"
+    grace_period: int = 2  # epochs before any trial may be pruned
+    min_trials: int = 2  # complete trials needed before the median rule prunes
+    metric: str | None = None  # defaults to the (single) objective
+
+
+@dataclass
+class SearchSettings:
+    algorithm: str = "tpe"  # TPE (Bergstra et al., 2011); nsga2 for Pareto searches
+    num_samples: int = 8
+    max_concurrent: int = 1
+    seed: int = 0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    # Points to try first, e.g. the paper's defaults: [{loss.lambda_cycle: 10}]
+    enqueue: list | None = None
+
+
+@dataclass
+class Resources:
+    workers_per_trial: int = 1  # Ray Train workers; >1 → data parallel (gloo/NCCL)
+    cpus_per_worker: float = 1  # fractions let several small trials share a core
+    gpus_per_worker: float = 0
+
+
+@dataclass
+class SearchSpec:
+    name: str
+    description: str
+    path: Path
+    base: dict[str, Any]  # dotted overrides of the training defaults
+    params: list[Param]
+    objectives: list[Objective]
+    search: SearchSettings
+    resources: Resources
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def trial_config(self, values: Mapping[str, Any]) -> cfg.Config:
+        """The full training config of one trial: base + suggested values."""
+        return cfg.load_config(None, {**self.base, **values})
+
+    def base_config(self) -> cfg.Config:
+        return cfg.load_config(None, self.base)
+
+
+def resolve_space_path(name: str | Path) -> Path:
+    """A file path, or `spaces/NAME.yaml` / `NAME` naming a bundled space."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = SPACES_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.is_file() and (path.parent in (Path("."), Path("spaces"), Path("search_spaces"))):
+        return bundled
+    known = ", ".join(p.stem for p in bundled_spaces())
+    raise ConfigError(f"{name}: no such search-space file (bundled: {known}; "
+                      f"`stain-search spaces` lists them)")
+
+
+def bundled_spaces() -> list[Path]:
+    return sorted(SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(name: str | Path, *, data: str | None = None) -> SearchSpec:
+    path = resolve_space_path(name)
+    raw = cfg.read_yaml(path)
+    return parse_space(raw, path=path, data=data)
+
+
+def _err(path: Path, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{path}: `{key}`: {msg}")
+
+
+def _mapping(value: Any, *, path: Path, key: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _err(path, key, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _flatten_base(raw: Mapping, *, path: Path) -> dict[str, Any]:
+    """Accept `base` as dotted keys or as nested sections (or both)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in cfg.SECTIONS and isinstance(value, Mapping):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[str(key)] = value
+    return out
+
+
+def _dataclass_from(cls, raw: Any, *, path: Path, key: str):
+    raw = dict(_mapping(raw, path=path, key=key))
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise _err(path, f"{key}.{k}", f"unknown key{cfg.suggest(k, list(names))} "
+                       f"(known: {', '.join(names)})")
+    hints = cfg.field_types(cls)
+    values = {}
+    for k, v in raw.items():
+        if dataclasses.is_dataclass(hints[k]):
+            values[k] = _dataclass_from(hints[k], v, path=path, key=f"{key}.{k}")
+        else:
+            values[k] = cfg.coerce(v, hints[k], key=f"{key}.{k}", where=f"{path}: ")
+    return cls(**values)
+
+
+def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) -> Param:
+    where = f"space.{key}"
+    if key not in types:
+        raise _err(path, where, f"unknown training key{cfg.suggest(key, list(types))}")
+    body = dict(_mapping(raw, path=path, key=where))
+    dist = body.pop("distribution", None)
+    if dist not in DISTRIBUTIONS:
+        raise _err(path, f"{where}.distribution",
+                   f"{dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+    when_raw = body.pop("when", None)
+    allowed = {"choice": {"choices"}}.get(dist, {"low", "high", "step"})
+    for k in body:
+        if k not in allowed:
+            raise _err(path, f"{where}.{k}", f"unknown key for a {dist} distribution"
+                       f"{cfg.suggest(k, sorted(allowed))} (expected: {', '.join(sorted(allowed))})")
+    when: tuple = ()
+    if when_raw is not None:
+        w = _mapping(when_raw, path=path, key=f"{where}.when")
+        when = tuple((str(k), tuple(v if isinstance(v, list) else [v])) for k, v in w.items())
+    if dist == "choice":
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _err(path, f"{where}.choices", "a choice needs a non-empty list of options")
+        for c in choices:  # every option must be a valid value of the training key
+            cfg.coerce(c, types[key], key=key, where=f"{path}: space.")
+        return Param(key, dist, choices=tuple(choices), when=when)
+    for k in ("low", "high"):
+        if k not in body:
+            raise _err(path, f"{where}.{k}", f"a {dist} distribution needs `{k}`")
+        if not isinstance(body[k], (int, float)) or isinstance(body[k], bool):
+            try:
+                body[k] = float(body[k])
+            except (TypeError, ValueError):
+                raise _err(path, f"{where}.{k}", f"expected a number, got {body[k]!r}") from None
+    low, high = body["low"], body["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise _err(path, where, "low and high must be finite")
+    if low > high:
+        raise _err(path, where, f"low ({low}) is above high ({high})")
+    if dist in ("loguniform", "logint") and low <= 0:
+        raise _err(path, where, f"a log range must be above zero, got low = {low} "
+                   f"(use `uniform`, or a positive low such as {high / 1000:g})")
+    if dist in ("int", "logint"):
+        if float(low) != int(low) or float(high) != int(high):
+            raise _err(path, where, f"an int range needs whole numbers, got {low}..{high}")
+        low, high = int(low), int(high)
+    kind = types[key]
+    numeric = {int, float}
+    base_kind = next((a for a in getattr(kind, "__args__", (kind,)) if a in numeric), None)
+    if base_kind is None:
+        raise _err(path, where, f"`{key}` is not numeric: use `distribution: choice`")
+    if base_kind is int and dist in ("uniform", "loguniform"):
+        raise _err(path, where, f"`{key}` takes whole numbers: use `int` or `logint`")
+    step = body.get("step")
+    return Param(key, dist, low=low, high=high, step=step, when=when)
+
+
+def parse_space(raw: Any, *, path: Path, data: str | None = None,
+                check_objective: bool = True) -> SearchSpec:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}, "
+                          f"got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise _err(path, str(key), f"unknown key{cfg.suggest(str(key), list(TOP_KEYS))} "
+                       f"(known: {', '.join(TOP_KEYS)})")
+    name = str(raw.get("name") or path.stem)
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise _err(path, "name", f"{name!r}: use letters, digits, '-' and '_' only")
+    types = {f"{s}.{k}": t for s, c in cfg.SECTIONS.items() for k, t in cfg.field_types(c).items()}
+    base = _flatten_base(_mapping(raw.get("base"), path=path, key="base"), path=path)
+    if raw.get("data") is not None:
+        base["data.path"] = str(raw["data"])
+    if data is not None:
+        base["data.path"] = data
+    if "data.path" in base and not str(base["data.path"]).startswith("builtin:"):
+        # Trials run in other working directories (and on other nodes).
+        base["data.path"] = str(Path(str(base["data.path"])).expanduser().resolve())
+    try:
+        base_config = cfg.load_config(None, base)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base: {str(err).removeprefix('overrides: ')}") from None
+
+    space_raw = _mapping(raw.get("space"), path=path, key="space")
+    if not space_raw:
+        raise _err(path, "space", "empty: name at least one training key to explore")
+    params = [_parse_param(str(k), v, path=path, types=types) for k, v in space_raw.items()]
+    by_key = {p.key: p for p in params}
+    for p in params:
+        for parent, values in p.when:
+            if parent not in by_key or by_key[parent].distribution != "choice":
+                raise _err(path, f"space.{p.key}.when",
+                           f"refers to `{parent}`, which is not a `choice` in this space")
+            bad = [v for v in values if v not in by_key[parent].choices]
+            if bad:
+                raise _err(path, f"space.{p.key}.when", f"{bad} not among the choices of "
+                           f"`{parent}` ({list(by_key[parent].choices)})")
+        if p.key in base:
+            raise _err(path, f"space.{p.key}", "also fixed in `base`: keep it in one place")
+
+    search = _dataclass_from(SearchSettings, raw.get("search"), path=path, key="search")
+    resources = _dataclass_from(Resources, raw.get("resources"), path=path, key="resources")
+    objectives = _parse_objectives(raw.get("objective"), path=path, base_config=base_config,
+                                   check=check_objective)
+    _check_search(search, objectives, resources, path=path)
+    _check_enqueue(search, params, path=path)
+    spec = SearchSpec(name=name, description=str(raw.get("description") or ""), path=path.resolve(),
+                      base=base, params=params, objectives=objectives, search=search,
+                      resources=resources)
+    _check_extremes(spec)
+    return spec
+
+
+def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: bool) -> list[Objective]:
+    from stain_search.evaluate import metric_directions
+
+    items = raw if isinstance(raw, list) else [raw]
+    if raw is None or not items:
+        raise _err(path, "objective", "missing: e.g. {metric: frechet, mode: min}")
+    directions = metric_directions()
+    reported = reported_metrics(base_config) if check else set(directions) | {"frechet"}
+    out = []
+    for i, item in enumerate(items):
+        key = "objective" if not isinstance(raw, list) else f"objective[{i}]"
+        item = _mapping(item, path=path, key=key)
+        unknown = set(item) - {"metric", "mode"}
+        if unknown:
+            raise _err(path, f"{key}.{sorted(unknown)[0]}", "unknown key (expected metric, mode)")
+        metric, mode = item.get("metric"), item.get("mode")
+        if mode not in ("min", "max"):
+            raise _err(path, f"{key}.mode", f"{mode!r}: expected min or max")
+        if metric == "frechet":
+            metric = frechet_metric_name(base_config)
+        if metric not in directions:
+            raise _err(path, f"{key}.metric", f"{metric!r} is not a metric trials report"
+                       f"{cfg.suggest(str(metric), sorted(directions))} "
+                       f"(known: frechet, {', '.join(sorted(directions))})")
+        if metric not in reported:
+            raise _err(path, f"{key}.metric", f"no trial reports {metric!r} on "
+                       f"{base_config.data.path}: {why_not_reported(metric)}")
+        if directions[metric] != mode:
+            raise _err(path, f"{key}.mode", f"{metric} is better when "
+                       f"{'lower' if directions[metric] == 'min' else 'higher'}: "
+                       f"use mode: {directions[metric]}")
+        out.append(Objective(metric, mode))
+    if len({o.metric for o in out}) != len(out):
+        raise _err(path, "objective", "the same metric is listed twice")
+    return out
+
+
+def frechet_metric_name(config: cfg.Config) -> str:
+    from stain_search.metrics.frechet import resolve_feature_extractor
+
+    return resolve_feature_extractor(config.eval).metric_name
+
+
+def reported_metrics(config: cfg.Config) -> set[str]:
+    """The metrics a trial on this config will report (checked before Ray starts)."""
+    from stain_search.data import resolve_dataset
+    from stain_search.evaluate import reported_metrics as evaluator_metrics
+    from stain_search.gan import LOSS_NAMES
+
+    files = resolve_dataset(config.data.path, config.data.layout)
+    return set(LOSS_NAMES) | set(evaluator_metrics(config.eval, has_pairs=bool(files.pairs),
+                                                   stain=files.stain))
+
+
+def why_not_reported(metric: str) -> str:
+    if metric in ("ssim_gt", "psnr_gt"):
+        return "it needs paired targets (test images with the same name in both domains)"
+    if metric == "ki67_f1":
+        return "it needs a paired DAB/IHC target (e.g. builtin:phantom-ki67, BCI, MIST)"
+    if metric == "fid":
+        return ("no Inception weights were found: set eval.fid_weights (or "
+                "STAIN_SEARCH_FID_WEIGHTS) to a local pt_inception-2015-12-05 file, "
+                "or use `metric: frechet`")
+    if metric == "fd_random":
+        return "Inception weights are configured, so the run reports `fid` instead"
+    return "see `stain-search spaces --metrics`"
+
+
+def _check_search(search: SearchSettings, objectives: list[Objective], resources: Resources,
+                  *, path: Path) -> None:
+    if search.algorithm not in ALGORITHMS:
+        raise _err(path, "search.algorithm", f"{search.algorithm!r} is not one of "
+                   f"{', '.join(ALGORITHMS)}")
+    if search.num_samples < 1:
+        raise _err(path, "search.num_samples", "must be at least 1")
+    if search.max_concurrent < 1:
+        raise _err(path, "search.max_concurrent", "must be at least 1")
+    es = search.early_stopping
+    if es.pruner not in PRUNERS:
+        raise _err(path, "search.early_stopping.pruner",
+                   f"{es.pruner!r} is not one of {', '.join(PRUNERS)}")
+    if es.pruner != "none" and len(objectives) > 1 and es.metric is None:
+        raise _err(path, "search.early_stopping.metric", "a Pareto search has several "
+                   "objectives: name the one metric that decides pruning")
+    if es.grace_period < 1:
+        raise _err(path, "search.early_stopping.grace_period", "must be at least 1 epoch")
+    if resources.workers_per_trial < 1:
+        raise _err(path, "resources.workers_per_trial", "must be at least 1")
+    if resources.gpus_per_worker < 0 or resources.cpus_per_worker <= 0:
+        raise _err(path, "resources", "cpus_per_worker > 0 and gpus_per_worker ≥ 0")
+
+
+def _check_enqueue(search: SearchSettings, params: list[Param], *, path: Path) -> None:
+    by_key = {p.key: p for p in params}
+    for i, point in enumerate(search.enqueue or []):
+        where = f"search.enqueue[{i}]"
+        point = _mapping(point, path=path, key=where)
+        for key, value in point.items():
+            p = by_key.get(key)
+            if p is None:
+                raise _err(path, f"{where}.{key}", f"not a parameter of this space"
+                           f"{cfg.suggest(str(key), list(by_key))}")
+            inside = (value in p.choices if p.distribution == "choice"
+                      else isinstance(value, (int, float)) and p.low <= value <= p.high)
+            if not inside:
+                raise _err(path, f"{where}.{key}", f"{value!r} is outside the space "
+                           f"({list(p.choices) if p.choices else f'{p.low}..{p.high}'})")
+
+
+def _check_extremes(spec: SearchSpec) -> None:
+    """Every corner of the space must make a valid training config (before Ray)."""
+    for p in spec.params:
+        values = p.choices if p.distribution == "choice" else (p.low, p.high)
+        for v in values:
+            parents = {parent: vals[0] for parent, vals in p.when}
+            try:
+                spec.trial_config({**parents, p.key: v})
+            except ConfigError as err:
+                raise ConfigError(f"{spec.path}: space.{p.key} = {v!r}: "
+                                  f"{str(err).removeprefix('overrides: ')}") from None
+
+
+# --- Optuna ------------------------------------------------------------------
+
+def suggest(trial, params: list[Param]) -> dict[str, Any]:
+    """Define-by-run: conditional parameters are asked only when enabled."""
+    values: dict[str, Any] = {}
+    for p in params:
+        if any(values.get(parent) not in allowed for parent, allowed in p.when):
+            continue
+        if p.distribution == "choice":
+            values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+        elif p.distribution in ("uniform", "loguniform"):
+            values[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step,
+                                                log=p.distribution == "loguniform")
+        else:
+            values[p.key] = trial.suggest_int(p.key, p.low, p.high, step=int(p.step or 1),
+                                              log=p.distribution == "logint")
+    return values

@@ -1,0 +1,400 @@
+"""Everything stain-search says to MLflow, in one module.
+
+When MLflow's API changes (it does, every few releases) this file changes.
+
+Schema (what analysis/ and deploy/ read back):
+    experiment  = the search name
+    parent run  = one per search, tags  stain_search.role=search,
+                  stain_search.search, stain_search.objective (JSON),
+                  stain_search.study, stain_search.search_dir;
+                  artifacts: space.yaml, resolved.json
+    child run   = one per trial, run name = the trial name (deterministic),
+                  tags  mlflow.parentRunId, stain_search.role=trial,
+                  stain_search.trial (trial name), stain_search.optuna_trial
+                  (number), stain_search.status (running|finished|pruned|failed),
+                  stain_search.error, stain_search.checkpoints (folder),
+                  stain_search.resumed_from_epoch (after a restart),
+                  stain_search.diverged (the NaN/inf message);
+                  params = every config key, dotted (loss.lambda_cycle, ...);
+                  metrics per epoch (step = epoch): LOSS_NAMES, fid or fd_random,
+                  ssim_structure, ssim_gt, psnr_gt, ki67_f1, output_diversity...;
+                  artifacts: samples/epoch_XXXX.png, best/ (best checkpoint)
+
+The default store is MLflow's own default, a SQLite file ``mlflow.db`` in the
+folder the command runs from — resolved to an absolute URI on the driver,
+because Ray Tune moves each trial into its own working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from stain_search.errors import StainSearchError
+
+ROLE, SEARCH, TRIAL, STATUS, ERROR = ("stain_search.role", "stain_search.search",
+                                      "stain_search.trial", "stain_search.status",
+                                      "stain_search.error")
+OPTUNA_TRIAL, OBJECTIVE, STUDY = ("stain_search.optuna_trial", "stain_search.objective",
+                                  "stain_search.study")
+SEARCH_DIR, CHECKPOINTS, PARENT = ("stain_search.search_dir", "stain_search.checkpoints",
+                                   "mlflow.parentRunId")
+RESUMED_FROM, DIVERGED = "stain_search.resumed_from_epoch", "stain_search.diverged"
+STATUSES = ("running", "finished", "pruned", "failed")
+
+
+class TrackingError(StainSearchError):
+    """The MLflow store cannot be reached or used."""
+
+
+def resolve_tracking_uri(uri: str | None = None, *, base: Path | None = None) -> str:
+    """An absolute tracking URI: the argument, $MLFLOW_TRACKING_URI, or ./mlflow.db."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    base = Path(base or Path.cwd()).resolve()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a bare path: a SQLite file if it ends in .db, else a file store
+        path = (base / uri).resolve()
+        return f"sqlite:///{path}" if path.suffix == ".db" else path.as_uri()
+    return uri
+
+
+def artifact_root_for(uri: str, *, base: Path | None = None) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local SQLite file."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client(uri: str):
+    """An MlflowClient, after a cheap check that the store answers."""
+    from mlflow.tracking import MlflowClient
+
+    try:  # the constructor already opens (and may create) a SQLite store
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _fail_fast(uri):
+            c.search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means "unreachable"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrackingError(f"MLflow tracking store {uri!r} cannot be used: {first[:300]}. "
+                            f"Check --tracking-uri (a server must be running; "
+                            f"a sqlite:/// path must be writable).") from None
+    return c
+
+
+@contextlib.contextmanager
+def _fail_fast(uri: str):
+    """One quick try for the reachability check: MLflow's HTTP client retries
+    with backoff for minutes by default (right for a long search's logging,
+    wrong for telling a user their --tracking-uri is a typo)."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in fast}
+    os.environ.update(fast)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def get_or_create_experiment(c, name: str, *, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    root = artifact_root_for(uri)
+    return f"{root}/{name}" if root else None
+
+
+def find_run(c, experiment_id: str, *, tags: dict[str, str]) -> Any | None:
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([experiment_id], filter_string=flt, max_results=2)
+    return runs[0] if runs else None
+
+
+def start_search_run(c, experiment_id: str, *, search: str, objective: Any,
+                     study: Path, search_dir: Path, artifacts: Iterable[Path] = ()) -> str:
+    """The parent run of a search; found again (not duplicated) on resume."""
+    run = find_run(c, experiment_id, tags={ROLE: "search", SEARCH: search})
+    if run is None:
+        run = c.create_run(experiment_id, run_name=search, tags={
+            ROLE: "search", SEARCH: search, OBJECTIVE: json.dumps(objective),
+            STUDY: str(study), SEARCH_DIR: str(search_dir)})
+        for path in artifacts:
+            c.log_artifact(run.info.run_id, str(path))
+    elif run.info.status != "RUNNING":
+        c.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def start_trial_run(c, experiment_id: str, *, parent_run_id: str, search: str, trial: str,
+                    optuna_trial: int | None, params: dict[str, Any],
+                    searched: Iterable[str], checkpoints: Path) -> str:
+    """The child run of one trial; a restarted trial continues its own run."""
+    run = find_run(c, experiment_id, tags={ROLE: "trial", SEARCH: search, TRIAL: trial})
+    if run is not None:
+        c.update_run(run.info.run_id, status="RUNNING")
+        c.set_tag(run.info.run_id, STATUS, "running")
+        return run.info.run_id
+    tags = {PARENT: parent_run_id, ROLE: "trial", SEARCH: search, TRIAL: trial,
+            STATUS: "running", CHECKPOINTS: str(checkpoints),
+            "stain_search.searched": json.dumps(sorted(searched))}
+    if optuna_trial is not None:
+        tags[OPTUNA_TRIAL] = str(optuna_trial)
+    run = c.create_run(experiment_id, run_name=trial, tags=tags)
+    log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # the store's batch limit
+        c.log_batch(run_id, params=items[i: i + 100])
+
+
+def log_epoch(c, run_id: str, metrics: dict[str, Any], *, epoch: int) -> None:
+    """One epoch's numbers in one request (batched: cheap even on SQLite)."""
+    import time as _time
+
+    from mlflow.entities import Metric
+
+    now = int(_time.time() * 1000)
+    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+    if batch:
+        c.log_batch(run_id, metrics=batch)
+
+
+def last_logged_epoch(c, run_id: str) -> int:
+    history = c.get_metric_history(run_id, "epoch")
+    return max((m.step for m in history), default=0)
+
+
+def note_restart(c, run_id: str, *, epoch: int) -> None:
+    """A trial continued from its checkpoint of ``epoch`` (worker failure or
+    resumed search): visible in the UI, and read back by the fault tests."""
+    c.set_tag(run_id, RESUMED_FROM, str(epoch))
+
+
+def note_diverged(c, run_id: str, error: str) -> None:
+    """Set by the worker whose loss became NaN/inf; the trial's driver reads
+    it back (Ray Train keeps only results that carry a checkpoint)."""
+    c.set_tag(run_id, DIVERGED, error[:4000])
+
+
+def diverged_error(c, run_id: str) -> str | None:
+    return c.get_run(run_id).data.tags.get(DIVERGED)
+
+
+def log_image(c, run_id: str, image: np.ndarray, artifact_file: str) -> None:
+    c.log_image(run_id, image, artifact_file=artifact_file)
+
+
+def log_checkpoint(c, run_id: str, folder: Path, *, artifact_path: str = "best") -> None:
+    c.log_artifacts(run_id, str(folder), artifact_path=f"{artifact_path}/{folder.name}")
+
+
+def end_trial_run(c, run_id: str, *, status: str, error: str | None = None) -> None:
+    """Mark a trial's outcome; MLflow's own status mirrors it (pruned = KILLED)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}")
+    c.set_tag(run_id, STATUS, status)
+    if error:
+        c.set_tag(run_id, ERROR, error[:4000])
+    c.set_terminated(run_id, status={"finished": "FINISHED", "pruned": "KILLED",
+                                     "failed": "FAILED", "running": "RUNNING"}[status])
+
+
+def end_search_run(c, run_id: str, *, status: str = "FINISHED", summary: dict | None = None) -> None:
+    if summary is not None:
+        c.log_dict(run_id, summary, "summary.json")
+    c.set_terminated(run_id, status=status)
+
+
+def trial_runs(c, experiment_id: str, *, search: str) -> list[Any]:
+    """All child runs of a search (every page)."""
+    flt = f"tags.`{ROLE}` = 'trial' and tags.`{SEARCH}` = '{search}'"
+    runs, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=flt, max_results=1000,
+                             page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def compare_url(uri: str, search: str, *, base: str) -> str:
+    """A UI link that shows every trial of a search side by side (params, metrics)."""
+    from urllib.parse import quote
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(search)
+    if exp is None:
+        raise TrackingError(f"no search named {search!r} in {uri}")
+    ids = [r.info.run_id for r in trial_runs(c, exp.experiment_id, search=search)]
+    return (f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}"
+            f"&experiments={quote(json.dumps([exp.experiment_id]))}")
+
+
+def fail_orphans(c, experiment_id: str, *, search: str, keep: Iterable[str] = ()) -> int:
+    """Trial runs left RUNNING by a killed driver are marked failed (on resume)."""
+    keep = set(keep)
+    n = 0
+    for run in trial_runs(c, experiment_id, search=search):
+        if run.info.status == "RUNNING" and run.info.run_id not in keep:
+            end_trial_run(c, run.info.run_id, status="failed",
+                          error="interrupted: the search driver stopped while this trial ran")
+            n += 1
+    return n
+
+
+# --- reading back (analysis/: stain-search report) ---------------------------
+
+def find_experiment(c, name: str) -> str | None:
+    """The id of the experiment of a search, or None when the store has none."""
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+
+def metric_histories(c, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float, int]]]:
+    """Every logged value of each metric: key → [(step, value, timestamp_ms), ...]."""
+    return {key: [(m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, key)]
+            for key in keys}
+
+
+def download_artifacts(c, run_id: str, path: str, dst: Path) -> Path:
+    """A run's artifact folder (or file) copied to a local folder."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(c.download_artifacts(run_id, path, dst_path=str(dst)))
+
+
+def list_artifacts(c, run_id: str, path: str | None = None) -> list[str]:
+    return [a.path for a in c.list_artifacts(run_id, path)]
+
+
+def log_files(c, run_id: str, paths: Iterable[Path], *, artifact_path: str) -> None:
+    """Attach local files (report figures, the HTML page) to a run."""
+    for path in paths:
+        c.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run (the UI's own hash route)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# --- model registry (stain_search.deploy: export, translate) -----------------
+
+class _Environment:
+    """Environment variables set for a while (MLflow reads some per call)."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+
+    def __enter__(self) -> None:
+        self.before = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, value in self.before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+def register_pyfunc_model(uri: str, *, experiment: str, run_name: str,
+                          parent_run_id: str | None, tags: dict[str, str],
+                          metrics: dict[str, float], model_name: str, alias: str,
+                          **pyfunc: Any) -> tuple[str, str]:
+    """Save a pyfunc model (``pyfunc`` goes to ``mlflow.pyfunc.save_model``) as
+    the artifact ``model`` of a new run nested under ``parent_run_id`` (e.g. the
+    trial's run), register it as a new version of ``model_name`` tagged with
+    ``tags``, and point ``alias`` at it. Client calls only: MLflow's global
+    tracking/registry URIs are left alone. Returns (version, run id)."""
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("file:"):
+        raise TrackingError(f"{uri}: the MLflow Model Registry needs a database store "
+                            f"(sqlite:///path/mlflow.db) or a tracking server; pass "
+                            f"--tracking-uri, or --no-register to only write the folder")
+    c = client(uri)
+    experiment_id = get_or_create_experiment(c, experiment, uri=uri)
+    run = c.create_run(experiment_id, run_name=run_name,
+                       tags={**tags, **({PARENT: parent_run_id} if parent_run_id else {})})
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="stain-search-pyfunc-") as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(path=str(local), **pyfunc)
+            c.log_artifacts(run_id, str(local), artifact_path="model")
+        log_epoch(c, run_id, metrics, epoch=0)
+        try:
+            c.get_registered_model(model_name)
+        except MlflowException:  # the first version of this name
+            c.create_registered_model(model_name)
+        version = str(c.create_model_version(model_name, source=f"runs:/{run_id}/model",
+                                             run_id=run_id, tags=tags).version)
+        c.set_registered_model_alias(model_name, alias, version)
+    except MlflowException as err:
+        c.set_terminated(run_id, status="FAILED")
+        raise TrackingError(f"registering model {model_name!r} in {uri} failed: "
+                            f"{_first_line(err)}") from None
+    c.set_terminated(run_id, status="FINISHED")
+    return version, run_id
+
+
+def download_model(uri: str, ref: str, dst: Path) -> Path:
+    """The files of a registered model (``models:/name@alias`` or
+    ``models:/name/version``) copied into ``dst``.
+
+    Resolved with this store's client: MLflow's own ``models:/`` download
+    asks the process-wide registry URI, whatever store it is given."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    body = ref[len("models:/"):] if ref.startswith("models:/") else ""
+    name, at, alias = body.partition("@")
+    if not at:
+        name, _, alias = body.partition("/")
+    if not name or not alias:
+        raise TrackingError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    c = client(uri)
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    try:
+        version = str(c.get_model_version_by_alias(name, alias).version) if at else alias
+        location = c.get_model_version_download_uri(name, version)
+        with _Environment(quiet):
+            path = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
+                                                       tracking_uri=uri)
+    except MlflowException as err:
+        raise TrackingError(f"{ref}: not found in the model registry of {uri} "
+                            f"({_first_line(err)}); check the name and alias (MLflow UI → "
+                            f"Models) and --tracking-uri") from None
+    return Path(path)

@@ -1,0 +1,98 @@
+"""Shared fixtures.
+
+A real search costs ~1-2 minutes on 2 CPU cores (Ray start, a TorchTrainer
+per trial), so one tiny finished search is made once per test session and
+shared by the tests of search, deploy, analysis and the UI. Tests that
+change a search make their own.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# The smallest model that still is the real one: 32 px crops, depth 3, width 8.
+TINY_BASE = {
+    "data.crop": 32, "data.batch_size": 2, "data.eval_images": 4,
+    "model.depth": 3, "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2,
+    "train.epochs": 3, "train.steps_per_epoch": 3,
+}
+
+
+def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
+                    data: str = "builtin:phantom-trichrome", epochs: int = 3,
+                    pruner: str = "median", extra_space: str = "", search_extra: str = "",
+                    objective: str = "{metric: frechet, mode: min}", base: dict | None = None,
+                    min_trials: int = 2,
+                    space: str = "  loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}\n"
+                    ) -> str:
+    base = {**TINY_BASE, "train.epochs": epochs, **(base or {})}
+    base_lines = "\n".join(f"  {k}: {v}" for k, v in base.items())
+    return textwrap.dedent(f"""\
+        name: {name}
+        description: tiny test search
+        data: {data}
+        base:
+        """) + base_lines + "\n" + textwrap.dedent(f"""\
+        space:
+        """) + space + extra_space + textwrap.dedent(f"""\
+        objective: {objective}
+        search: {{algorithm: tpe, num_samples: {num_samples}, max_concurrent: {max_concurrent}, seed: 0,
+                 early_stopping: {{pruner: {pruner}, grace_period: 1, min_trials: {min_trials}}}{search_extra}}}
+        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+        """)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """One phantom cache per session (generated on first use, ~5 s)."""
+    if "STAIN_SEARCH_CACHE" not in os.environ:
+        os.environ["STAIN_SEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@dataclass
+class FinishedSearch:
+    name: str
+    root: Path  # where the space file, mlflow.db and storage live
+    search_dir: Path
+    tracking_uri: str
+    space_file: Path
+    summary: list
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory) -> FinishedSearch:
+    """A finished 3-trial search on the tiny phantom with median pruning.
+
+    Trials run one at a time so the outcome is deterministic: the first two
+    (enqueued) train at sensible learning rates and complete (the median rule
+    waits for two complete trials); the third barely moves (lr 1e-7) and is
+    pruned at its first epoch.
+    """
+    from stain_search.search import run_search
+
+    root = tmp_path_factory.mktemp("finished-search")
+    space = root / "tiny.yaml"
+    space.write_text(tiny_space_yaml(
+        name="tiny", base={"train.steps_per_epoch": 6}, max_concurrent=1,
+        space="  optim.lr_g: {distribution: loguniform, low: 1.0e-7, high: 1.0e-3}\n"
+              "  loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}\n",
+        search_extra=", enqueue: [{optim.lr_g: 2.0e-4, loss.lambda_cycle: 10},"
+                     " {optim.lr_g: 4.0e-4, loss.lambda_cycle: 5},"
+                     " {optim.lr_g: 1.0e-7, loss.lambda_cycle: 10}]"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = run_search(space, storage=root / "runs", tracking_uri=uri, verbose=0)
+    return FinishedSearch(name="tiny", root=root, search_dir=root / "runs" / "tiny",
+                          tracking_uri=uri, space_file=space, summary=summary)

@@ -1,0 +1,1 @@
+"""Ray trainables: what one search trial runs (installed as stain_search.trainables)."""
