@@ -1,0 +1,423 @@
+"""The `stain-search` command line.
+
+Each verb is one small function registered in COMMANDS; the work lives in
+the library. A StainSearchError (bad input a user can fix) becomes one line
+on stderr and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from stain_search.errors import ConfigError, StainSearchError
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+EXIT_USAGE = 2
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set loss.lambda_cycle=5 --set model.attention=gates` → {key: value}."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set loss.lambda_cycle=5")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def resolve_config_path(name: str | None) -> Path:
+    """A path, or the name of a bundled config (`quickstart`)."""
+    if name is None:
+        return CONFIGS_DIR / "quickstart.yaml"
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = CONFIGS_DIR / f"{Path(name).stem}.yaml"
+    if bundled.exists() and path.parent == Path("."):
+        return bundled
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name}: no such config file (bundled configs: {known})")
+
+
+# --- verbs ------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stain_search.checkpoint import list_checkpoints
+    from stain_search.config import load_config
+    from stain_search.data.datasets import verify_dataset
+    from stain_search.train import LocalReporter, run_training
+
+    overrides = parse_overrides(args.set)
+    if args.data:
+        overrides["data.path"] = args.data
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    config_path = resolve_config_path(args.config)
+    config = load_config(config_path, overrides)
+    d = config.data
+    # Pre-flight before the results folder exists: every image decodes.
+    verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
+    out = Path(args.out or Path("stain-search-runs") / f"train-{config_path.stem}")
+    existing = list_checkpoints(out / "checkpoints")
+    if existing and not args.resume:
+        raise ConfigError(f"{out} already holds a training run ({existing[-1].name}); "
+                          f"pass --resume to continue it or --out to start a new one")
+    resume = existing[-1] if existing and args.resume else None
+    reporter = LocalReporter(out)
+    if resume is not None:
+        truncate_metrics(out / "metrics.jsonl", upto_epoch=int(resume.name.rsplit("_", 1)[1]))
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print(f"training on {config.data.path} → {out}")
+    metrics = run_training(config, reporter=reporter, resume=resume)
+    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
+                     indent=None))
+    print(f"done: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
+    return 0
+
+
+def truncate_metrics(path: Path, *, upto_epoch: int) -> None:
+    """Drop lines of epochs after the checkpoint we resume from (they re-run)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= upto_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from stain_search.data import prepare_dataset
+
+    out = prepare_dataset(args.src, args.out, layout=args.layout, tile=args.tile,
+                          overlap=args.overlap, min_tissue=args.min_tissue,
+                          test_fraction=args.test_fraction, seed=args.seed)
+    print(f"dataset written to {out} (manifest: {out / 'manifest.parquet'})")
+    return 0
+
+
+def cmd_data_builtin(args: argparse.Namespace) -> int:
+    from stain_search.data.phantom import BUILTIN_DATASETS, builtin_dataset
+
+    for name in sorted(BUILTIN_DATASETS):
+        path = builtin_dataset(name) if args.generate else None
+        print(f"{name}" + (f"  →  {path}" if path else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stain_search.search import format_summary, run_search
+    from stain_search.spaces import load_space
+    from stain_search.tracking import resolve_tracking_uri
+
+    summary = run_search(args.space, data=args.data, name=args.name, storage=args.storage,
+                         tracking_uri=args.tracking_uri, address=args.address,
+                         resume=args.resume, num_samples=args.num_samples,
+                         max_concurrent=args.max_concurrent)
+    spec = load_space(args.space, data=args.data)
+    if args.name:
+        spec.name = args.name
+    print(format_summary(spec, summary, uri=resolve_tracking_uri(args.tracking_uri)))
+    return 0 if summary else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from stain_search.search import search_dir_for
+
+    folder = search_dir_for(args.storage, args.name)
+    if not (folder / "space.yaml").is_file():
+        raise ConfigError(f"{folder}: no search named {args.name!r} to resume "
+                          f"(looked in --storage {args.storage or 'stain-search-runs'})")
+    saved = json.loads((folder / "search.json").read_text())
+    args.space = str(folder / "space.yaml")
+    args.data = saved["base"].get("data.path") if args.data is None else args.data
+    args.resume = True
+    return cmd_run(args)
+
+
+def cmd_spaces(args: argparse.Namespace) -> int:
+    from stain_search.spaces import bundled_spaces
+
+    for path in bundled_spaces():
+        raw = yaml.safe_load(path.read_text()) or {}
+        print(f"spaces/{path.name:<18} {raw.get('description', '')}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from stain_search.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    if uri.startswith("sqlite:///"):
+        root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        cmd += ["--default-artifact-root", root.resolve().as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}; Ctrl-C stops it)",
+          flush=True)
+    if args.search:
+        from stain_search.tracking import compare_url
+        print(f"trials of search {args.search!r}: "
+              f"{compare_url(uri, args.search, base=f'http://{args.host}:{args.port}')}", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from stain_search.analysis.report import write_report
+
+    report = write_report(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
+                          out=args.out, parquet=args.parquet, top=args.top, ui=args.ui_url,
+                          log_to_mlflow=not args.no_log)
+    for note in report.analysis.importance_messages + report.notes:
+        print(f"note: {note}")
+    if report.parquet:
+        print(f"trials × epochs: {report.parquet}")
+    print(report.html)
+    return 0
+
+
+def parse_constraints(args: argparse.Namespace) -> list:
+    from stain_search.deploy.select import parse_constraint
+
+    return ([parse_constraint(t, bound="min") for t in args.min or []]
+            + [parse_constraint(t, bound="max") for t in args.max or []])
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from stain_search.deploy.select import format_table, select
+
+    selection = select(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
+                       constraints=parse_constraints(args), include_failed=args.include_failed,
+                       per_trial=args.per_trial)
+    top = args.top or len(selection.candidates)
+    if args.json:
+        out = selection.to_dict()
+        out["candidates"] = out["candidates"][:top]
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(format_table(selection, top=top))
+    return 0 if selection.candidates else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stain_search.deploy.export import export_search
+
+    result = export_search(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
+                           trial=args.trial, epoch=args.epoch, out=args.out,
+                           constraints=parse_constraints(args), register=not args.no_register,
+                           model_name=args.model_name, alias=args.alias, portable=args.portable,
+                           overwrite=args.overwrite)
+    c = result.candidate
+    scores = ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()
+                       if k in (*[m for m, _ in result.objectives], "ssim_structure"))
+    print(f"exported {c.trial} (#{c.number}, {c.state.lower()}) at epoch {c.epoch} "
+          f"[{scores}] → {result.folder}")
+    print("  files: " + ", ".join(sorted(p.name for p in result.folder.iterdir())))
+    r = result.registered
+    if r is not None:
+        print(f"registered {r.name!r} version {r.version}, alias @{r.alias} "
+              f"(store: {r.tracking_uri})")
+        print(f"  serve over REST:  MLFLOW_TRACKING_URI={r.tracking_uri} "
+              f"mlflow models serve -m {r.uri} --env-manager local --port 5001")
+    print(f"  translate:        stain-search translate {result.folder} INPUT OUTPUT")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from stain_search.deploy.translate import translate
+
+    outputs = translate(args.model, args.input, args.output, tracking_uri=args.tracking_uri,
+                        overwrite=args.overwrite, device=args.device, tile=args.tile,
+                        overlap=args.overlap, norm_stats=args.norm_stats, kernel=args.kernel,
+                        min_tissue=args.min_tissue, batch_size=args.batch_size,
+                        compression=args.compression,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    print(f"translated {len(outputs)} image(s) → {args.output}")
+    return 0
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset folder or builtin:NAME (overrides the space's data)")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--num-samples", type=int, help="override search.num_samples")
+    p.add_argument("--max-concurrent", type=int, help="override search.max_concurrent")
+
+
+# --- parser -----------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stain-search",
+        description="Hyper-parameter search for CycleGAN virtual staining (H&E → special stains).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train one CycleGAN model (no search)")
+    p.add_argument("config", nargs="?", help="training config YAML, or a bundled name "
+                   "(default: quickstart)")
+    p.add_argument("--data", help="dataset folder or builtin:NAME (overrides data.path)")
+    p.add_argument("--out", help="results folder (default: stain-search-runs/train-<config>)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set loss.lambda_cycle=5")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="prepare datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    q = dsub.add_parser("prepare", help="tile large images into a dataset + Parquet manifest")
+    q.add_argument("src", help="source folder (any supported layout)")
+    q.add_argument("out", help="output folder (must not exist or be empty)")
+    q.add_argument("--layout", default="auto", help="auto|cyclegan|bci|mist|pair")
+    q.add_argument("--tile", type=int, default=256)
+    q.add_argument("--overlap", type=int, default=0)
+    q.add_argument("--min-tissue", type=float, default=0.5,
+                   help="drop tiles with less tissue than this fraction")
+    q.add_argument("--test-fraction", type=float, default=0.1)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data_prepare)
+    q = dsub.add_parser("builtin", help="list (and --generate) the built-in phantom datasets")
+    q.add_argument("--generate", action="store_true")
+    q.set_defaults(func=cmd_data_builtin)
+
+    p = sub.add_parser("run", help="run a hyper-parameter search (Ray Tune + Optuna + MLflow)")
+    p.add_argument("space", help="search-space YAML, or spaces/NAME.yaml for a bundled one")
+    p.add_argument("--name", help="search name (default: the space's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    add_search_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted search by name")
+    p.add_argument("name")
+    add_search_options(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("spaces", help="list the bundled search spaces")
+    p.set_defaults(func=cmd_spaces)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the search store")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1 only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--search", help="also print a link comparing this search's trials")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("report", help="one HTML page on what a search taught us "
+                       "(importance, Pareto front, plots, flags)")
+    p.add_argument("name", help="search name")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
+    p.add_argument("--out", help="HTML file (default: <storage>/<name>/report.html)")
+    p.add_argument("--parquet", help="also save all trials × epochs as this Parquet file")
+    p.add_argument("--top", type=int, default=10, help="rows in the top-trials table")
+    p.add_argument("--ui-url", help="MLflow UI the run links point to "
+                   "(default: the tracking server, or http://127.0.0.1:5000)")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not log the figures to the search's MLflow run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("best", help="rank a search's trial × epoch checkpoints "
+                       "(objectives, constraints, Pareto front)")
+    p.add_argument("name", help="search name")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
+    p.add_argument("--top", type=int, default=10, help="rows to show (0: all; default 10)")
+    p.add_argument("--min", action="append", metavar="METRIC=VALUE",
+                   help="keep checkpoints with METRIC ≥ VALUE, e.g. --min ssim_structure=0.7")
+    p.add_argument("--max", action="append", metavar="METRIC=VALUE",
+                   help="keep checkpoints with METRIC ≤ VALUE, e.g. --max fid=80")
+    p.add_argument("--per-trial", action="store_true", help="only each trial's best checkpoint")
+    p.add_argument("--include-failed", action="store_true",
+                   help="also rank checkpoints of failed (diverged) trials")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("export", help="export the best (or a chosen) checkpoint as a "
+                       "self-contained model and register it in MLflow")
+    p.add_argument("name", help="search name")
+    p.add_argument("--trial", help="trial folder name, its id, or Optuna number "
+                   "(default: the best checkpoint overall)")
+    p.add_argument("--epoch", type=int, help="epoch of the checkpoint (default: the trial's best)")
+    p.add_argument("--out", help="export folder (default: <storage>/<name>/exports/<trial>_epoch_N)")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
+    p.add_argument("--min", action="append", metavar="METRIC=VALUE",
+                   help="only consider checkpoints with METRIC ≥ VALUE")
+    p.add_argument("--max", action="append", metavar="METRIC=VALUE",
+                   help="only consider checkpoints with METRIC ≤ VALUE")
+    p.add_argument("--model-name", help="registered model name (default: the search name)")
+    p.add_argument("--alias", default="champion", help="registry alias to set (default: champion)")
+    p.add_argument("--no-register", action="store_true", help="only write the export folder")
+    p.add_argument("--portable", default="auto",
+                   choices=["auto", "onnx", "torchscript", "none"],
+                   help="also write G as ONNX or TorchScript (auto: ONNX if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("translate", help="translate H&E tiles, images or whole slides "
+                       "(tiled, seam-free, pyramidal TIFF out)")
+    p.add_argument("model", help="export folder, or models:/NAME@ALIAS from the registry")
+    p.add_argument("input", help="image, whole-slide TIFF/SVS, or folder of images")
+    p.add_argument("output", help="output file (.tif: pyramidal TIFF; .png, .jpg) or folder")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ (default: ./mlflow.db)")
+    p.add_argument("--tile", type=int, help="tile size in px (default: from model depth)")
+    p.add_argument("--overlap", type=int, help="tile overlap in px (default: covers the "
+                   "receptive field)")
+    p.add_argument("--norm-stats", default="global", choices=["global", "kernel", "tile"],
+                   help="instance-norm statistics: global = as whole-image inference "
+                   "(default), kernel = KIN, tile = per tile")
+    p.add_argument("--kernel", type=int, default=3, help="KIN neighbourhood in tiles (odd)")
+    p.add_argument("--min-tissue", type=float, default=0.01,
+                   help="tiles with less tissue pass through unchanged (0: translate all)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--compression", default="zlib", choices=["zlib", "jpeg", "none"],
+                   help="TIFF output compression (default: zlib, lossless)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_translate)
+
+    for register in EXTRA_PARSERS:
+        register(sub)
+    return parser
+
+
+# Later modules (search, deploy, analysis) add their verbs here.
+EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StainSearchError as err:
+        print(f"stain-search: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("stain-search: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
