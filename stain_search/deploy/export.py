@@ -1,0 +1,510 @@
+"""Export a trained generator G (H&E → stain) as a self-contained model, and
+register it in the MLflow Model Registry.
+
+An export is a folder that needs nothing of the search that made it:
+
+    generator.safetensors   G's weights only (safetensors: loading runs no code)
+    model.json              format tag, the model config, the input/output
+                            normalisation G expects, provenance (search, trial,
+                            epoch, metrics, MLflow run, checkpoint), file hashes
+    generator.onnx          the same network for use without stain-search
+                            (onnxruntime); generator.pt (TorchScript) where the
+                            ONNX exporter is not available
+
+Registering logs the folder as an MLflow pyfunc model — RGB image(s) in,
+translated image(s) out, tiled as ``stain-search translate`` does — in a run
+nested under the trial's run, registers a version and points an alias
+(default ``champion``) at it, so that
+
+    mlflow models serve -m models:/<name>@champion --env-manager local
+
+serves it over REST. Nothing here unpickles: checkpoints are read with
+``torch.load(weights_only=True)``, exports with safetensors, and a file that
+is not one of ours is refused with one clear error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+from torch import nn
+
+from stain_search import __version__
+from stain_search.checkpoint import CheckpointError, read_checkpoint
+from stain_search.config import Config, ModelConfig, apply_overrides
+from stain_search.errors import ConfigError, StainSearchError
+from stain_search.models import build_generator
+
+FORMAT = "stain-search-model/1"
+WEIGHTS_FILE = "generator.safetensors"
+INFO_FILE = "model.json"
+DEFAULT_ALIAS = "champion"
+ONNX_OPSET = 17
+PORTABLE_TOLERANCE = 1e-4  # max |Δ| in [-1, 1] between G and its ONNX/TorchScript copy
+
+# How images enter and leave G (what every consumer of an export must do).
+INPUT_SPEC = {"channels": "RGB", "dtype": "uint8", "layout": "(H, W, 3)",
+              "normalisation": "x / 127.5 - 1", "range": [-1.0, 1.0],
+              "tensor": "(B, 3, H, W) float32"}
+OUTPUT_SPEC = {"range": [-1.0, 1.0], "tensor": "(B, 3, H, W) float32",
+               "to_uint8": "round((clamp(y, -1, 1) + 1) * 127.5)"}
+
+
+class ModelError(StainSearchError):
+    """A path or file that is not a usable stain-search model."""
+
+
+# --- the export folder --------------------------------------------------------------
+
+@dataclass
+class ExportedModel:
+    """An export (or a training checkpoint) loaded into memory."""
+
+    source: str  # where it came from: a folder, a checkpoint, models:/name@alias
+    info: dict[str, Any]  # model.json
+    model: ModelConfig
+    state: dict[str, torch.Tensor]  # G's state dict
+
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    def generator(self, *, device: str | torch.device = "cpu") -> nn.Module:
+        net = build_generator(self.model)
+        try:
+            net.load_state_dict(self.state, strict=True)
+        except RuntimeError as err:
+            raise ModelError(f"{self.source}: the weights do not fit the model config in "
+                             f"{INFO_FILE} ({str(err).splitlines()[0]})") from None
+        return net.to(device).eval()
+
+
+def model_config(raw: Any, *, where: str) -> ModelConfig:
+    """ModelConfig from a mapping, every key checked (as training configs are)."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where}: `model` must be a mapping of model settings")
+    try:
+        return apply_overrides(Config(), {f"model.{k}": v for k, v in raw.items()},
+                               where=where).model
+    except ConfigError as err:
+        raise ModelError(f"{where}: {err}") from None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_onnx(net: nn.Module, path: Path, probe: torch.Tensor) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter: deprecated upstream, but it needs no
+        # onnxscript and writes dynamic H/W; its tracer warnings are expected.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (probe,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["image"], output_names=["stained"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "stained": {0: "batch", 2: "height", 3: "width"}})
+    return {"format": "onnx", "opset": ONNX_OPSET, "input": "image", "output": "stained"}
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+def write_torchscript(net: nn.Module, path: Path, probe: torch.Tensor) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; tracing still works
+        traced = torch.jit.trace(net, probe, check_trace=False)
+        torch.jit.save(traced, str(path))
+    return {"format": "torchscript"}
+
+
+def run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path), map_location="cpu")(x)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# format → (file name, writer, runner for the check)
+PORTABLE: dict[str, tuple[str, Callable, Callable]] = {
+    "onnx": ("generator.onnx", write_onnx, run_onnx),
+    "torchscript": ("generator.pt", write_torchscript, run_torchscript),
+}
+
+
+def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int) -> dict[str, Any] | None:
+    """Write G in a portable format and check it against G on a fresh size.
+
+    ``auto`` tries ONNX (if onnx/onnxruntime import), then TorchScript; a
+    named format must work or it is an error; ``none`` writes nothing.
+    """
+    if fmt == "none":
+        return None
+    if fmt != "auto" and fmt not in PORTABLE:
+        raise ConfigError(f"--portable {fmt!r}: unknown; known: auto, none, {', '.join(PORTABLE)}")
+    order = ([f for f in PORTABLE if f != "onnx" or _onnx_available()] if fmt == "auto"
+             else [fmt])
+    step = 2 ** depth
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand(1, 3, 2 * step, 2 * step, generator=gen) * 2 - 1
+    check = torch.rand(2, 3, 3 * step, 2 * step, generator=gen) * 2 - 1  # other B, H, W
+    failures = []
+    for name in order:
+        file, write, run = PORTABLE[name]
+        path = folder / file
+        try:
+            spec = write(net, path, probe)
+            with torch.inference_mode():
+                diff = float((run(path, check) - net(check)).abs().max())
+            if not diff <= PORTABLE_TOLERANCE:
+                raise RuntimeError(f"differs from G by {diff:.2e}")
+        except Exception as err:  # noqa: BLE001 - try the next format, report all at the end
+            path.unlink(missing_ok=True)
+            first = (str(err).splitlines() or [""])[0][:200]
+            failures.append(f"{name}: {type(err).__name__}: {first}")
+            continue
+        return {"file": file, **spec, "max_abs_diff": diff,
+                "usage": "input (B, 3, H, W) float32 RGB in [-1, 1] (x / 127.5 - 1), H and W "
+                         f"multiples of {step}; output the same shape, in [-1, 1]"}
+    if fmt != "auto":
+        raise ModelError(f"cannot write a {fmt} copy of G: {'; '.join(failures)}")
+    warnings.warn(f"no portable copy of G written ({'; '.join(failures)})", stacklevel=2)
+    return None
+
+
+def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | Path, *,
+                 provenance: dict[str, Any], portable: str = "auto",
+                 overwrite: bool = False) -> Path:
+    """Write an export folder for G's ``state`` (built under a temporary name,
+    renamed into place at the end)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ModelError(f"{out}: already exists; pass --overwrite or choose another --out")
+    net = build_generator(model).eval()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError(f"the G weights do not fit the model config "
+                         f"({str(err).splitlines()[0]})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        portable_spec = write_portable(net, tmp, portable, depth=model.depth)
+        files = [WEIGHTS_FILE] + ([portable_spec["file"]] if portable_spec else [])
+        info = {
+            "format": FORMAT,
+            "direction": "G: H&E → stain",
+            "model": asdict(model),
+            "input": {**INPUT_SPEC, "size_multiple": 2 ** model.depth},
+            "output": OUTPUT_SPEC,
+            "provenance": {**provenance, "stain_search_version": __version__,
+                           "created": dt.datetime.now(dt.timezone.utc).isoformat(
+                               timespec="seconds")},
+            "portable": portable_spec,
+            "files": {name: {"sha256": sha256(tmp / name)} for name in files},
+        }
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
+                      provenance: dict[str, Any] | None = None, portable: str = "auto",
+                      overwrite: bool = False) -> Path:
+    """A training checkpoint (``checkpoint_epoch_XXXX/``) → an export folder."""
+    checkpoint = Path(checkpoint)
+    state, meta = read_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "G" not in state:
+        raise ModelError(f"{checkpoint}: checkpoint holds no generator G")
+    model = model_config((meta.get("config") or {}).get("model", {}), where=str(checkpoint))
+    data = ((meta.get("config") or {}).get("data") or {}).get("path")
+    prov = {"checkpoint": str(checkpoint.resolve()), "epoch": meta.get("epoch"),
+            "metrics": meta.get("metrics", {}), "data": data, **(provenance or {})}
+    return write_export(state["G"], model, out, provenance=prov, portable=portable,
+                        overwrite=overwrite)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def read_export(folder: str | Path) -> ExportedModel:
+    """Load an export folder, checking its format tag and file hashes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    folder = Path(folder)
+    info_path = folder / INFO_FILE
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{info_path}: unreadable model description ({err})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ModelError(f"{folder}: {INFO_FILE} is not a {FORMAT!r} description (format "
+                         f"{info.get('format') if isinstance(info, dict) else None!r}); "
+                         f"export a model with `stain-search export`")
+    weights = folder / WEIGHTS_FILE
+    expected = (info.get("files") or {}).get(WEIGHTS_FILE, {}).get("sha256")
+    if not weights.is_file():
+        raise ModelError(f"{folder}: {WEIGHTS_FILE} is missing")
+    if expected and sha256(weights) != expected:
+        raise ModelError(f"{weights}: does not match the hash in {INFO_FILE} (changed or "
+                         f"damaged since export); export the model again")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tag = (f.metadata() or {}).get("format")
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"{weights}: not a safetensors file ({err})") from None
+    if tag != FORMAT:
+        raise ModelError(f"{weights}: safetensors file without the {FORMAT!r} tag; it was not "
+                         f"written by `stain-search export`")
+    return ExportedModel(source=str(folder), info=info,
+                         model=model_config(info.get("model"), where=str(info_path)), state=state)
+
+
+def read_checkpoint_model(folder: Path) -> ExportedModel:
+    """A training checkpoint used directly as a model (weights_only load)."""
+    try:
+        state, meta = read_checkpoint(folder)
+    except CheckpointError as err:
+        raise ModelError(str(err)) from None
+    if not isinstance(state, dict) or "G" not in state:
+        raise ModelError(f"{folder}: checkpoint holds no generator G")
+    model = model_config((meta.get("config") or {}).get("model", {}), where=str(folder))
+    info = {"format": FORMAT, "model": asdict(model),
+            "provenance": {"checkpoint": str(folder), "epoch": meta.get("epoch"),
+                           "metrics": meta.get("metrics", {})}}
+    return ExportedModel(source=str(folder), info=info, model=model, state=state["G"])
+
+
+def load_model(ref: str | Path, *, tracking_uri: str | None = None) -> ExportedModel:
+    """An export folder (or its model.json / generator.safetensors), a training
+    checkpoint folder, or ``models:/name@alias`` / ``models:/name/version``."""
+    from stain_search import tracking
+    from stain_search.checkpoint import META_FILE, STATE_FILE
+
+    text = str(ref)
+    if text.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="stain-search-model-") as tmp:
+            local = tracking.download_model(tracking.resolve_tracking_uri(tracking_uri), text,
+                                            Path(tmp))
+            found = [p.parent for p in local.rglob(INFO_FILE)]
+            if not found:
+                raise ModelError(f"{text}: the registered model holds no {INFO_FILE}; it was "
+                                 f"not registered by `stain-search export`")
+            model = read_export(found[0])
+            model.source = text
+            return model
+    path = Path(ref)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model folder (give an export folder from "
+                         f"`stain-search export`, or models:/NAME@ALIAS)")
+    if path.is_file():
+        if path.name in (INFO_FILE, WEIGHTS_FILE):
+            return read_export(path.parent)
+        raise ModelError(f"{path}: not a stain-search model; give the export folder (with "
+                         f"{INFO_FILE} and {WEIGHTS_FILE}) made by `stain-search export`")
+    if (path / INFO_FILE).is_file():
+        return read_export(path)
+    if (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
+        return read_checkpoint_model(path)
+    raise ModelError(f"{path}: not a stain-search model folder (no {INFO_FILE}); export one "
+                     f"with `stain-search export NAME`")
+
+
+# --- the pyfunc model and the registry ----------------------------------------------------
+
+class StainTranslatorModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: (H, W, 3) or (B, H, W, 3) uint8 RGB H&E → the same shape, stained.
+
+    The export folder travels as the model's artifact ``export``; images are
+    translated tile by tile (``stain_search.deploy.translate``), so any size
+    works. The model config holds :class:`~stain_search.deploy.translate.Translator`
+    settings (tile, overlap, norm_stats, device...). Logged as "models from
+    code" (:data:`PYFUNC_ENTRY`): loading it runs that file, never unpickles.
+    """
+
+    def __init__(self) -> None:
+        self.translator = None
+
+    def load_context(self, context) -> None:
+        from stain_search.deploy.translate import Translator, pick_device
+
+        exported = read_export(Path(context.artifacts["export"]))
+        options = dict(getattr(context, "model_config", None) or {})
+        device = pick_device(options.pop("device", None))
+        self.translator = Translator(exported.generator(device=device), depth=exported.depth,
+                                     device=device, **options)
+
+    def predict(self, context, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        images = np.asarray(model_input)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ModelError(f"expected RGB images of shape (H, W, 3) or (B, H, W, 3), got "
+                             f"{images.shape}")
+        if images.dtype != np.uint8:
+            if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 \
+                    or images.max() > 255:
+                raise ModelError(f"expected uint8 pixels in 0..255, got {images.dtype}")
+            images = images.astype(np.uint8)
+        return np.stack([self.translator.translate_array(image) for image in images])
+
+
+# The file MLflow runs to build the pyfunc ("models from code": no pickle).
+PYFUNC_ENTRY = """\
+# stain-search pyfunc model: MLflow runs this file to load the model.
+import mlflow
+
+from stain_search.deploy.export import StainTranslatorModel
+
+mlflow.models.set_model(StainTranslatorModel())
+"""
+
+
+def pyfunc_signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    images = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])  # (B, H, W, 3)
+    return ModelSignature(inputs=images, outputs=images)
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc imports (stain-search itself travels as code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("torch", "numpy", "scipy", "scikit-image", "pillow", "tifffile", "imagecodecs",
+                 "pyyaml", "pyarrow", "safetensors", "tqdm"):
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    uri: str  # models:/name@alias
+    tracking_uri: str
+
+
+def register_export(folder: str | Path, *, tracking_uri: str | None, model_name: str,
+                    alias: str = DEFAULT_ALIAS, experiment: str | None = None,
+                    parent_run_id: str | None = None, options: dict[str, Any] | None = None
+                    ) -> Registered:
+    """Log an export folder as a pyfunc model, register a version, set ``alias``."""
+    from stain_search import tracking
+
+    folder = Path(folder)
+    exported = read_export(folder)  # refuse to register anything that does not load
+    prov = exported.info.get("provenance", {})
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tags = {"stain_search.role": "export", "stain_search.export_format": FORMAT}
+    for key, tag in [("search", tracking.SEARCH), ("trial", tracking.TRIAL),
+                     ("optuna_trial", tracking.OPTUNA_TRIAL), ("epoch", "stain_search.epoch"),
+                     ("checkpoint", tracking.CHECKPOINTS)]:
+        if prov.get(key) is not None:
+            tags[tag] = str(prov[key])
+    import stain_search
+
+    with tempfile.TemporaryDirectory(prefix="stain-search-pyfunc-") as tmp:
+        entry = Path(tmp) / "stain_search_pyfunc.py"
+        entry.write_text(PYFUNC_ENTRY)
+        with warnings.catch_warnings():
+            # MLflow's advice to add predict type hints / an input example: the
+            # explicit tensor signature below already says what goes in and out.
+            warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
+            version, run_id = tracking.register_pyfunc_model(
+                uri, experiment=experiment or model_name, run_name=f"export-{folder.name}",
+                parent_run_id=parent_run_id, tags=tags,
+                metrics={k: v for k, v in (prov.get("metrics") or {}).items()
+                         if isinstance(v, (int, float))},
+                model_name=model_name, alias=alias, python_model=str(entry),
+                model_config=dict(options or {}), artifacts={"export": str(folder)},
+                # stain-search travels with the model: serving needs only the
+                # pip requirements, not this package installed.
+                code_paths=[str(Path(stain_search.__file__).parent)],
+                signature=pyfunc_signature(), pip_requirements=pip_requirements())
+    return Registered(name=model_name, version=version, alias=alias, run_id=run_id,
+                      uri=f"models:/{model_name}@{alias}", tracking_uri=uri)
+
+
+# --- `stain-search export`: best checkpoint → export folder → registry ---------------------
+
+@dataclass
+class ExportResult:
+    folder: Path
+    candidate: Any  # stain_search.deploy.select.Candidate
+    objectives: list[tuple[str, str]]  # the search's (metric, mode)
+    registered: Registered | None
+
+
+def export_search(name: str, *, storage: str | Path | None = None,
+                  tracking_uri: str | None = None, trial: str | None = None,
+                  epoch: int | None = None, out: str | Path | None = None,
+                  constraints=(), register: bool = True, model_name: str | None = None,
+                  alias: str = DEFAULT_ALIAS, portable: str = "auto",
+                  overwrite: bool = False) -> ExportResult:
+    """Export the best checkpoint of search ``name`` (or ``trial``/``epoch``)."""
+    from stain_search.deploy.select import pick, select
+
+    selection = select(name, storage=storage, tracking_uri=tracking_uri, constraints=constraints)
+    chosen = pick(selection, trial=trial, epoch=epoch)
+    name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"
+    out = Path(out) if out else selection.search_dir / "exports" / name_out
+    provenance = {"search": name, "search_dir": str(selection.search_dir),
+                  "trial": chosen.trial, "optuna_trial": chosen.number,
+                  "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
+                  "params": chosen.params, "rank": chosen.rank,
+                  "objectives": [{"metric": m, "mode": mode} for m, mode in selection.objectives]}
+    folder = export_checkpoint(chosen.checkpoint, out, provenance=provenance, portable=portable,
+                               overwrite=overwrite)
+    registered = None
+    if register:
+        registered = register_export(folder, tracking_uri=tracking_uri,
+                                     model_name=model_name or name, alias=alias,
+                                     experiment=name, parent_run_id=chosen.run_id)
+    return ExportResult(folder=folder, candidate=chosen, objectives=selection.objectives,
+                        registered=registered)
