@@ -1,0 +1,467 @@
+"""Bad inputs: every mistake a user can make in a space file, a training
+config, a data folder or a tracking URI ends the CLI with one line on stderr
+naming the file/key, exit status 2, no traceback — and nothing written to
+the results folder or the MLflow store.
+
+Rows run `stain_search.cli.main([...])` in-process (no interpreter start);
+a few also run as a real subprocess to prove there is no traceback end to
+end. Validation happens before Ray starts: a guard replaces Ray's start (and
+the training loop) so a row that wrongly passes validation fails at once
+instead of running a search.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+from PIL import Image
+
+from conftest import TINY_BASE
+from stain_search import cli
+from stain_search.data import read_image
+from stain_search.data.datasets import verify_dataset
+from stain_search.search import prepare_search_dir
+from stain_search.spaces import load_space
+
+NAME = "bad"
+
+
+class ValidationPassed(Exception):
+    """Raised by the guard: the row's mistake was not caught before Ray."""
+
+
+# --- tiny inputs -------------------------------------------------------------
+
+def _png(path: Path, size: int = 40, *, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_data(root: Path) -> Path:
+    """CycleGAN layout, 2 images per folder, 40 px (crop is 32)."""
+    for i, sub in enumerate(("trainA", "trainB", "testA", "testB")):
+        for j in range(2):
+            _png(root / sub / f"img{j}.png", seed=10 * i + j)
+    return root
+
+
+def valid_space(data: Path) -> dict:
+    return {
+        "name": NAME, "description": "bad-input test", "data": str(data),
+        "base": dict(TINY_BASE),
+        "space": {"loss.lambda_cycle": {"distribution": "loguniform", "low": 1, "high": 50}},
+        "objective": {"metric": "frechet", "mode": "min"},
+        "search": {"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 0,
+                   "early_stopping": {"pruner": "none"}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    }
+
+
+def valid_train_config() -> dict:
+    return {"data": {"crop": 32, "batch_size": 2, "eval_images": 2},
+            "model": {"depth": 3, "ngf": 8, "ndf": 8, "d_blocks": 2},
+            "train": {"epochs": 1, "steps_per_epoch": 1}}
+
+
+@dataclass
+class Env:
+    tmp: Path
+    data: Path
+
+    @property
+    def space_file(self) -> Path:
+        return self.tmp / "space.yaml"
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.tmp / 'mlflow.db'}"
+
+    def run(self, space: dict | str | bytes | None = None, *extra: str,
+            uri: str | None = None) -> list[str]:
+        if isinstance(space, dict):
+            self.space_file.write_text(yaml.safe_dump(space, sort_keys=False))
+        elif isinstance(space, str):
+            self.space_file.write_text(space)
+        elif isinstance(space, bytes):
+            self.space_file.write_bytes(space)
+        return ["run", str(self.space_file), "--storage", str(self.tmp / "runs"),
+                "--tracking-uri", uri or self.uri, *extra]
+
+    def train(self, config: dict | str | None = None, *extra: str,
+              data: Path | None = None) -> list[str]:
+        path = self.tmp / "train.yaml"
+        if isinstance(config, dict):
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+        elif isinstance(config, str):
+            path.write_text(config)
+        return ["train", str(path), "--data", str(data or self.data),
+                "--out", str(self.tmp / "out"), *extra]
+
+
+def space_with(**changes) -> Callable[[Env], list[str]]:
+    """A row built from the valid space with some top-level sections edited."""
+    def build(env: Env) -> list[str]:
+        raw = valid_space(env.data)
+        for key, edit in changes.items():
+            if callable(edit):
+                edit(raw)
+            elif edit is None:
+                raw.pop(key, None)
+            else:
+                raw[key] = edit
+        return env.run(raw)
+    return build
+
+
+def train_with(fn: Callable[[dict], None]) -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        config = copy.deepcopy(valid_train_config())
+        fn(config)
+        return env.train(config)
+    return build
+
+
+def broken_image(how: str) -> Callable[[Env], list[str]]:
+    """The valid space over a data folder with one file broken."""
+    def build(env: Env) -> list[str]:
+        target = env.data / "trainB" / "img1.png"
+        if how == "corrupt":
+            target.write_bytes(np.random.default_rng(0).bytes(500))
+        elif how == "truncated":
+            target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        elif how == "zero-byte":
+            target.write_bytes(b"")
+        elif how == "too-small":
+            _png(target, size=16)
+        elif how == "five-channel":
+            target.unlink()
+            tifffile.imwrite(env.data / "trainB" / "img1.tif",
+                             np.zeros((40, 40, 5), np.uint8), photometric="minisblack",
+                             planarconfig="contig")
+        elif how == "float-range":
+            target.unlink()
+            tifffile.imwrite(env.data / "trainB" / "img1.tif",
+                             np.full((40, 40, 3), 7.5, np.float32), photometric="rgb")
+        elif how == "test-truncated":
+            target = env.data / "testA" / "img0.png"
+            target.write_bytes(target.read_bytes()[:200])
+        return env.run(valid_space(env.data))
+    return build
+
+
+def data_folder(how: str) -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        raw = valid_space(env.data)
+        if how == "missing":
+            raw["data"] = str(env.tmp / "no-such-folder")
+        elif how == "empty":
+            (env.tmp / "empty").mkdir()
+            raw["data"] = str(env.tmp / "empty")
+        elif how == "file":
+            (env.tmp / "afile").write_text("not a folder")
+            raw["data"] = str(env.tmp / "afile")
+        elif how == "empty-trainA":
+            for p in (env.data / "trainA").iterdir():
+                p.unlink()
+        return env.run(raw)
+    return build
+
+
+def _seed_existing(env: Env) -> None:
+    """The state a started search leaves: its folder with search.json."""
+    space = env.tmp / "first.yaml"
+    space.write_text(yaml.safe_dump(valid_space(env.data), sort_keys=False))
+    prepare_search_dir(load_space(space), env.tmp / "runs" / NAME, resume=False)
+
+
+def existing(how: str) -> Callable[[Env], list[str]]:
+    def build(env: Env) -> list[str]:
+        raw = valid_space(env.data)
+        if how == "resume-missing":
+            return env.run(raw, "--resume")
+        _seed_existing(env)
+        if how == "different-space":
+            raw["space"]["loss.lambda_cycle"]["high"] = 20
+        return env.run(raw)
+    return build
+
+
+def _set(section: str, key: str, value):
+    def fn(raw: dict) -> None:
+        raw[section][key] = value
+    return fn
+
+
+def _param(key: str, body: dict | None):
+    def fn(raw: dict) -> None:
+        if body is None:
+            raw["space"].pop(key, None)
+        else:
+            raw["space"][key] = body
+    return fn
+
+
+def _lc(**kw):
+    """Edit the loss.lambda_cycle parameter."""
+    def fn(raw: dict) -> None:
+        body = raw["space"]["loss.lambda_cycle"]
+        for k, v in kw.items():
+            if v is None:
+                body.pop(k, None)
+            else:
+                body[k] = v
+    return fn
+
+
+def _rename_top(old: str, new: str):
+    def fn(raw: dict) -> None:
+        raw[new] = raw.pop(old)
+    return fn
+
+
+def _when_without_parent(raw: dict) -> None:
+    raw["space"]["model.attention_channels_ratio"] = {
+        "distribution": "uniform", "low": 0.25, "high": 1.0,
+        "when": {"model.attention": ["gates"]}}
+
+
+def _when_bad_value(raw: dict) -> None:
+    raw["space"]["model.attention"] = {"distribution": "choice", "choices": ["none", "gates"]}
+    raw["space"]["model.attention_channels_ratio"] = {
+        "distribution": "uniform", "low": 0.25, "high": 1.0,
+        "when": {"model.attention": ["gatez"]}}
+
+
+@dataclass
+class Row:
+    id: str
+    build: Callable[[Env], list[str]]
+    expect: tuple[str, ...]  # what the one line must name (file, key)
+
+
+ROWS = [
+    # --- the space file itself
+    Row("yaml-malformed", lambda e: e.run("name: bad\nspace: {loss.lambda_cycle: [1,\n"),
+        ("space.yaml", "not valid YAML", "line")),
+    Row("yaml-not-a-mapping", lambda e: e.run("- a\n- b\n"), ("space.yaml", "mapping")),
+    Row("yaml-binary", lambda e: e.run(b"\xff\xfe\x00\x81"), ("space.yaml", "text")),
+    Row("space-file-missing", lambda e: ["run", str(e.tmp / "nope.yaml"), "--storage",
+                                         str(e.tmp / "runs"), "--tracking-uri", e.uri],
+        ("nope.yaml", "no such")),
+    Row("top-key-misspelt", space_with(x=_rename_top("search", "serach")), ("serach", "search")),
+    Row("name-invalid", space_with(name="bad name!"), ("`name`",)),
+    # --- keys and types
+    Row("space-key-misspelt", space_with(x=_param("loss.lamda_cycle",
+                                                  {"distribution": "uniform", "low": 1, "high": 5})),
+        ("space.loss.lamda_cycle", "lambda_cycle")),
+    Row("base-key-misspelt", space_with(x=_set("base", "train.epoch", 3)), ("train.epoch",)),
+    Row("base-wrong-type", space_with(x=_set("base", "train.epochs", "three")), ("train.epochs",)),
+    Row("search-key-misspelt", space_with(x=_set("search", "num_sample", 4)),
+        ("search.num_sample",)),
+    Row("search-wrong-type", space_with(x=_set("search", "num_samples", "many")),
+        ("search.num_samples",)),
+    Row("resources-key-unknown", space_with(x=_set("resources", "gpus", 1)), ("resources.gpus",)),
+    Row("distribution-unknown", space_with(x=_lc(distribution="gaussian")),
+        ("space.loss.lambda_cycle.distribution",)),
+    Row("distribution-key-unknown", space_with(x=_lc(mean=3)), ("space.loss.lambda_cycle.mean",)),
+    # --- impossible ranges and choices
+    Row("low-above-high", space_with(x=_lc(low=50, high=1)), ("space.loss.lambda_cycle", "above")),
+    Row("log-range-from-zero", space_with(x=_lc(low=0)), ("space.loss.lambda_cycle", "log")),
+    Row("low-not-a-number", space_with(x=_lc(low="abc")), ("space.loss.lambda_cycle.low",)),
+    Row("high-missing", space_with(x=_lc(high=None)), ("space.loss.lambda_cycle.high",)),
+    Row("range-infinite", space_with(x=_lc(high=float("inf"))), ("space.loss.lambda_cycle", "finite")),
+    Row("choice-empty", space_with(x=_param("model.attention", {"distribution": "choice", "choices": []})),
+        ("space.model.attention.choices",)),
+    Row("choice-invalid-option", space_with(x=_param(
+        "model.attention", {"distribution": "choice", "choices": ["none", "bogus"]})),
+        ("model.attention", "bogus")),
+    Row("int-key-uniform", space_with(x=_param("model.ngf", {"distribution": "uniform", "low": 4, "high": 16})),
+        ("space.model.ngf",)),
+    Row("int-range-fractional", space_with(x=_param("model.ngf", {"distribution": "int", "low": 4.5, "high": 16})),
+        ("space.model.ngf",)),
+    Row("space-empty", space_with(space={}), ("`space`",)),
+    Row("param-also-in-base", space_with(x=_set("base", "loss.lambda_cycle", 10)),
+        ("space.loss.lambda_cycle", "base")),
+    # --- conditional parameters
+    Row("when-refers-to-nothing", space_with(x=_when_without_parent),
+        ("space.model.attention_channels_ratio.when", "model.attention")),
+    Row("when-value-not-a-choice", space_with(x=_when_bad_value),
+        ("space.model.attention_channels_ratio.when", "gatez")),
+    # --- objectives
+    Row("objective-missing", space_with(objective=None), ("`objective`",)),
+    Row("objective-unknown-metric", space_with(objective={"metric": "fdi", "mode": "min"}),
+        ("objective.metric", "fdi")),
+    Row("objective-never-reported", space_with(objective={"metric": "ki67_f1", "mode": "max"}),
+        ("objective.metric", "ki67_f1")),
+    Row("objective-wrong-mode", space_with(objective={"metric": "frechet", "mode": "max"}),
+        ("objective.mode",)),
+    Row("objective-twice", space_with(objective=[{"metric": "frechet", "mode": "min"}] * 2),
+        ("`objective`", "twice")),
+    # --- search settings
+    Row("num-samples-zero", space_with(x=_set("search", "num_samples", 0)), ("search.num_samples",)),
+    Row("max-concurrent-zero", space_with(x=_set("search", "max_concurrent", 0)),
+        ("search.max_concurrent",)),
+    Row("algorithm-unknown", space_with(x=_set("search", "algorithm", "bayes")), ("search.algorithm",)),
+    Row("pruner-unknown", space_with(x=_set("search", "early_stopping", {"pruner": "hyperband"})),
+        ("search.early_stopping.pruner",)),
+    Row("enqueue-outside-space", space_with(x=_set("search", "enqueue", [{"loss.lambda_cycle": 500}])),
+        ("search.enqueue[0].loss.lambda_cycle",)),
+    Row("enqueue-unknown-key", space_with(x=_set("search", "enqueue", [{"loss.lambda_cycl": 5}])),
+        ("search.enqueue[0].loss.lambda_cycl",)),
+    Row("cpus-per-worker-zero", space_with(x=_set("resources", "cpus_per_worker", 0)),
+        ("resources", "cpus_per_worker")),
+    # --- data folders
+    Row("data-missing", data_folder("missing"), ("no-such-folder",)),
+    Row("data-empty-folder", data_folder("empty"), ("empty",)),
+    Row("data-is-a-file", data_folder("file"), ("afile",)),
+    Row("data-trainA-empty", data_folder("empty-trainA"), ("trainA",)),
+    # --- images
+    Row("image-corrupt", broken_image("corrupt"), ("trainB", "img1.png")),
+    Row("image-truncated", broken_image("truncated"), ("trainB", "img1.png")),
+    Row("image-zero-byte", broken_image("zero-byte"), ("trainB", "img1.png", "0 bytes")),
+    Row("image-smaller-than-crop", broken_image("too-small"), ("trainB", "img1.png", "crop")),
+    Row("image-five-channels", broken_image("five-channel"), ("img1.tif", "channels")),
+    Row("image-float-out-of-range", broken_image("float-range"), ("img1.tif", "floating")),
+    Row("test-image-truncated", broken_image("test-truncated"), ("testA", "img0.png")),
+    # --- the tracking store
+    Row("tracking-unreachable", lambda e: e.run(valid_space(e.data), uri="http://127.0.0.1:9"),
+        ("127.0.0.1:9",)),
+    Row("tracking-sqlite-unwritable", lambda e: (e.tmp / "afile").write_text("x") and e.run(
+        valid_space(e.data), uri=f"sqlite:///{e.tmp / 'afile' / 'mlflow.db'}"), ("afile",)),
+    # --- an existing search
+    Row("existing-name-different-space", existing("different-space"), (NAME, "--name")),
+    Row("existing-name-no-resume", existing("same-space"), (NAME, "--resume")),
+    Row("resume-nothing", existing("resume-missing"), (NAME, "no search")),
+    # --- `stain-search train`
+    Row("train-yaml-malformed", lambda e: e.train("data: {crop: [32\n"), ("train.yaml", "YAML")),
+    Row("train-unknown-section", train_with(lambda c: c.update(trian=c.pop("train"))),
+        ("train.yaml", "trian")),
+    Row("train-key-misspelt", train_with(lambda c: c["data"].update(crops=32)), ("crops",)),
+    Row("train-wrong-type", train_with(lambda c: c["train"].update(epochs="x")), ("epochs",)),
+    Row("train-set-malformed", lambda e: e.train(valid_train_config(), "--set", "loss.lambda_cycle"),
+        ("--set", "loss.lambda_cycle")),
+    Row("train-set-unknown-key", lambda e: e.train(valid_train_config(), "--set", "loss.lambda_cycl=5"),
+        ("loss.lambda_cycl",)),
+    Row("train-config-missing", lambda e: ["train", str(e.tmp / "nope.yaml"), "--out",
+                                           str(e.tmp / "out")], ("nope.yaml",)),
+    Row("train-image-truncated", lambda e: (
+        (e.data / "trainA" / "img0.png").write_bytes((e.data / "trainA" / "img0.png").read_bytes()[:120])
+        and e.train(valid_train_config())), ("trainA", "img0.png")),
+    Row("train-data-missing", lambda e: e.train(valid_train_config(), data=e.tmp / "gone"), ("gone",)),
+]
+
+SUBPROCESS_ROWS = ("yaml-malformed", "image-truncated", "tracking-unreachable")
+
+
+@pytest.fixture
+def env(tmp_path) -> Env:
+    return Env(tmp=tmp_path, data=make_data(tmp_path / "data"))
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    """Ray never starts and no training runs: a row that gets that far failed."""
+    def passed(*args, **kwargs):
+        raise ValidationPassed("validation passed: the mistake was not caught before Ray")
+
+    monkeypatch.setattr("stain_search.search.init_ray", passed)
+    monkeypatch.setattr("stain_search.train.run_training", passed)
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def check_nothing_written(env: Env, before: set[str]) -> None:
+    runs = env.tmp / "runs"
+    assert snapshot(runs) == before, "the results folder changed"
+    assert not (env.tmp / "mlflow.db").exists(), "an MLflow store was created"
+    assert not (env.tmp / "mlartifacts").exists()
+    assert not (env.tmp / "out").exists(), "the training --out folder was created"
+
+
+def check_one_line(stderr: str, expect: tuple[str, ...]) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("stain-search: error: "), lines[0]
+    for word in expect:
+        assert word in lines[0], f"{word!r} not named in: {lines[0]}"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, env, guard, capsys, monkeypatch):
+    monkeypatch.chdir(env.tmp)
+    argv = [str(a) for a in row.build(env)]
+    before = snapshot(env.tmp / "runs")
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    except ValidationPassed:
+        pytest.fail(f"{row.id}: not caught before Ray started")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    check_one_line(err, row.expect)
+    check_nothing_written(env, before)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in SUBPROCESS_ROWS],
+                         ids=list(SUBPROCESS_ROWS))
+def test_bad_input_end_to_end_has_no_traceback(row, env):
+    argv = [str(a) for a in row.build(env)]
+    before = snapshot(env.tmp / "runs")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-m", "stain_search.cli", *argv],
+                          cwd=env.tmp, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    # A real process may also print notices logged on the way (e.g. "FID
+    # unavailable ... logging fd_random" while the objective is resolved);
+    # the error itself is one line, and the last.
+    lines = done.stderr.strip().splitlines()
+    assert [l for l in lines if l.startswith("stain-search: error: ")] == lines[-1:], done.stderr
+    check_one_line(lines[-1], row.expect)
+    check_nothing_written(env, before)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_unreadable_image_is_one_line(env, guard, capsys):
+    target = env.data / "trainA" / "img0.png"
+    target.chmod(0)
+    try:
+        code = cli.main(env.run(valid_space(env.data)))
+    finally:
+        target.chmod(0o644)
+    assert code == 2
+    check_one_line(capsys.readouterr().err, ("img0.png",))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "L", "LA", "RGBA"])
+def test_convertible_images_are_accepted(mode, tmp_path):
+    """16-bit, grayscale and RGBA tiles are not mistakes: they are read as
+    RGB (alpha composited on white) and pass the pre-flight check."""
+    data = make_data(tmp_path / "data")
+    target = data / "trainB" / "img1.png"
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(target)
+    else:
+        bands = len(mode)
+        Image.fromarray(rng.integers(0, 256, (40, 40, bands), dtype=np.uint8).squeeze(),
+                        mode=mode).save(target)
+    assert Image.open(target).mode.startswith(mode[0])
+    image = read_image(target)
+    assert image.shape == (40, 40, 3) and image.dtype == np.uint8
+    verify_dataset(str(data), "auto", 32)
