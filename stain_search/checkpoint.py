@@ -94,3 +94,49 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def store_checkpoint(src: Path, root: Path) -> Path:
+    """Copy the checkpoint folder ``src`` to ``root/<its name>``, atomically:
+    the copy appears complete or not at all (it replaces an older one)."""
+    dest = Path(root) / Path(src).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".tmp-copy-{dest.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.replace(dest)
+    return dest
+
+
+def _score(folder: Path, metric: str) -> float | None:
+    try:
+        value = read_meta(folder)["metrics"].get(metric)
+    except (CheckpointError, KeyError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def best_checkpoint_in(root: Path, *, metric: str, mode: str) -> Path | None:
+    """The complete checkpoint under ``root`` with the best ``metric`` (None if none has it)."""
+    scored = [(s, p) for p in list_checkpoints(root) if (s := _score(p, metric)) is not None]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda t: t[0])[1]
+
+
+def prune_checkpoints(root: Path, *, keep: int, metric: str, mode: str) -> list[Path]:
+    """Keep the ``keep`` best checkpoints by ``metric`` and the newest one (a
+    restart continues from it); delete the rest. Returns what was deleted."""
+    found = list_checkpoints(root)
+    if len(found) <= keep:
+        return []
+    scored = [(s, p) for p in found if (s := _score(p, metric)) is not None]
+    scored.sort(key=lambda t: t[0], reverse=(mode == "max"))
+    kept = {p for _, p in scored[:keep]} | {found[-1]}
+    gone = [p for p in found if p not in kept]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

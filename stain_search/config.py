@@ -68,6 +68,9 @@ class OptimConfig:
     beta1: float = 0.5  # reference: 0.5, the usual GAN momentum
     beta2: float = 0.999
     weight_decay: float = 0.0
+    # torch's fused Adam kernel (one kernel for all parameters; adam only):
+    # measured by bench/train_step.py.
+    fused: bool = False
 
 
 @dataclass
@@ -100,6 +103,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch always)
     checkpoint_every: int = 1
     sample_images: int = 4  # rows of the sample grid
+    # Speed switches, off by default, each measured by bench/train_step.py:
+    # NHWC memory format (tensor-core convolutions on GPUs) and torch.compile
+    # of the networks (D stays eager under R1: its double backward does not
+    # compile). Neither changes the checkpoint format.
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -166,6 +175,9 @@ class Config:
         if d.crop < 2 ** (m.d_blocks + 1):
             raise ConfigError(f"`data.crop` = {d.crop} is too small for model.d_blocks = "
                               f"{m.d_blocks} (needs at least {2 ** (m.d_blocks + 1)} px)")
+        if self.optim.fused and self.optim.name != "adam":
+            raise ConfigError(f"`optim.fused` needs `optim.name: adam` (torch's fused kernel); "
+                              f"{self.optim.name!r} has none: set `optim.fused: false`")
         if not m.attention_channels_ratio > 0:
             raise ConfigError(f"`model.attention_channels_ratio` must be positive, got "
                               f"{m.attention_channels_ratio}")

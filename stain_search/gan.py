@@ -98,6 +98,10 @@ class CycleGAN(nn.Module):
         for net in (self.G, self.F, self.D_X, self.D_Y):
             init_weights(net)
         self.to(device)
+        self.memory_format = (torch.channels_last if config.train.channels_last
+                              else torch.contiguous_format)
+        if config.train.channels_last:
+            self.to(memory_format=torch.channels_last)
         self.gan = gan_loss(config.loss.gan_mode)
         self.opt_g, self.opt_d = build_optimizers(
             list(self.G.parameters()) + list(self.F.parameters()),
@@ -110,6 +114,11 @@ class CycleGAN(nn.Module):
                     or (config.train.precision == "auto" and device.type == "cuda"))
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
             if use_bf16 else nullcontext
+        if config.train.compile:
+            # In place (Module.compile): parameters, state_dict keys and so
+            # checkpoints stay those of the eager nets.
+            for net in (self.G, self.F) + (() if config.loss.r1_gamma > 0 else (self.D_X, self.D_Y)):
+                net.compile()
 
     @property
     def generator_params(self) -> list[nn.Parameter]:
@@ -124,7 +133,7 @@ class CycleGAN(nn.Module):
 
     # --- the two updates -------------------------------------------------------
 
-    def generator_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def generator_step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Update G and F against frozen D_X, D_Y; return losses and fakes."""
         lam, lam_id = self.config.loss.lambda_cycle, self.config.loss.lambda_identity
         x, y = batch.x, batch.y
@@ -144,14 +153,14 @@ class CycleGAN(nn.Module):
                 losses["loss_identity"] = lam * lam_id * (identity_loss(self.G(y), y)
                                                           + identity_loss(self.F(x), x))
         total = sum(losses.values())
-        check_finite(losses, step=self.steps)
+        values = check_finite(losses, step=self.steps)  # before any weight moves
         total.backward()
         sync_gradients(self.generator_params)
         self._optimizer_step(self.opt_g)
         set_requires_grad([self.D_X, self.D_Y], True)
-        return losses, {"fake_x": fake_x.detach(), "fake_y": fake_y.detach()}
+        return values, {"fake_x": fake_x.detach(), "fake_y": fake_y.detach()}
 
-    def discriminator_step(self, batch: Batch, fakes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def discriminator_step(self, batch: Batch, fakes: dict[str, torch.Tensor]) -> dict[str, float]:
         """Update D_X and D_Y on real images and pooled past fakes (+ lazy R1)."""
         gamma, k = self.config.loss.r1_gamma, self.config.loss.r1_interval
         # With extragradient, steps 2j and 2j+1 make one update: both see R1
@@ -173,11 +182,11 @@ class CycleGAN(nn.Module):
             if with_r1:  # in fp32: the penalty is a gradient norm, sensitive to rounding
                 r1 = r1 + r1_term(real_logits.float(), real, gamma=gamma, interval=k)
         losses["loss_R1"] = r1
-        check_finite(losses, step=self.steps)
+        values = check_finite(losses, step=self.steps)
         sum(losses.values()).backward()
         sync_gradients(self.discriminator_params)
         self._optimizer_step(self.opt_d)
-        return losses
+        return values
 
     @property
     def extragradient(self) -> bool:
@@ -189,12 +198,13 @@ class CycleGAN(nn.Module):
         minmax_step(optimizer, iteration=self.steps)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
+        if self.memory_format is not torch.contiguous_format:
+            batch = Batch(x=batch.x.contiguous(memory_format=self.memory_format),
+                          y=batch.y.contiguous(memory_format=self.memory_format))
         g_losses, fakes = self.generator_step(batch)
         d_losses = self.discriminator_step(batch, fakes)
         self.steps += 1
-        out = {name: 0.0 for name in LOSS_NAMES}
-        out.update({k: float(v.detach()) for k, v in {**g_losses, **d_losses}.items()})
-        return out
+        return {**{name: 0.0 for name in LOSS_NAMES}, **g_losses, **d_losses}
 
     # --- state ---------------------------------------------------------------
 
@@ -218,12 +228,16 @@ class CycleGAN(nn.Module):
         self.steps = int(state["steps"])
 
 
-def check_finite(losses: dict[str, torch.Tensor], *, step: int) -> None:
-    """Stop at the first NaN/inf: a diverged GAN never recovers, and later
-    epochs would only waste compute and pollute the search with garbage."""
-    for name, value in losses.items():
-        v = float(value.detach())
+def check_finite(losses: dict[str, torch.Tensor], *, step: int) -> dict[str, float]:
+    """The losses as floats, read in one device→host copy (one GPU sync, not
+    one per loss); stop at the first NaN/inf: a diverged GAN never recovers,
+    and later epochs would only waste compute and pollute the search."""
+    names = list(losses)
+    values = dict(zip(names, torch.stack([losses[n].detach().float().reshape(())
+                                          for n in names]).tolist()))
+    for name, v in values.items():
         if not math.isfinite(v):
             raise TrainingDiverged(
                 f"{name} became {v} at step {step}: training diverged. Lower the "
                 f"learning rate (optim.lr_g / optim.lr_d) or add an R1 penalty (loss.r1_gamma).")
+    return values

@@ -240,6 +240,10 @@ def build_optimizers(params_g: Params, params_d: Params,
                           f"known: {', '.join(OPTIMIZERS)}") from None
     lr_d = cfg.lr_d if cfg.lr_d is not None else cfg.lr_g
     common = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.fused:
+        if cfg.name != "adam":
+            raise ConfigError(f"`optim.fused` needs `optim.name: adam`, not {cfg.name!r}")
+        common["fused"] = True
     return cls(params_g, lr=cfg.lr_g, **common), cls(params_d, lr=lr_d, **common)
 
 

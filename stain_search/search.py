@@ -27,7 +27,7 @@ from typing import Any
 
 from stain_search import tracking
 from stain_search.errors import ConfigError
-from stain_search.spaces import SearchSpec, load_space
+from stain_search.spaces import Resources, SearchSpec, load_space
 
 DEFAULT_STORAGE = "stain-search-runs"
 # The trial function only waits on its TorchTrainer; the workers hold the real
@@ -177,7 +177,7 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
         searcher = StudySearcher(spec, study_path)
         tune_dir = search_dir / "tune"
         trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
-                                        {"CPU": TRIAL_DRIVER_CPU})
+                                        trial_resources(spec.resources))
         if resume and tune.Tuner.can_restore(str(tune_dir)):
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable,
                                        resume_unfinished=True, resume_errored=False,
@@ -192,7 +192,12 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(search_dir),
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    # in_trial: Tune restarts a lost trial (from its folder's
+                    # checkpoint); ray_train: Ray Train restarts lost workers.
+                    failure_config=tune.FailureConfig(
+                        max_failures=(spec.resources.max_failures
+                                      if spec.resources.resolved_executor == "in_trial" else 0),
+                        fail_fast=False),
                     verbose=verbose))
         t0 = time.perf_counter()
         tuner.fit()
@@ -211,6 +216,15 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                                                 "elapsed_s": elapsed})
     (search_dir / "summary.json").write_text(json.dumps([asdict(s) for s in summary], indent=2))
     return summary
+
+
+def trial_resources(resources: Resources) -> dict[str, float]:
+    """What one Tune trial holds: the worker itself (in_trial), or only a
+    sliver for the thin driver that waits on its TorchTrainer (ray_train)."""
+    if resources.resolved_executor == "ray_train":
+        return {"CPU": TRIAL_DRIVER_CPU}
+    return {"CPU": resources.cpus_per_worker,
+            **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker > 0 else {})}
 
 
 def trial_name(trial) -> str:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from stain_search.checkpoint import (checkpoint_name, latest_checkpoint, read_checkpoint,
-                                     write_checkpoint)
+                                     store_checkpoint, write_checkpoint)
 from stain_search.config import Config
 from stain_search.data import EvalDataset, UnpairedDataset, check_files, resolve_dataset, write_image
 from stain_search.evaluate import Evaluator, sample_grid
@@ -227,9 +226,8 @@ class LocalReporter:
         OUT/samples/epoch_XXXX.png   input | G(x) | F(G(x)) | target
     """
 
-    def __init__(self, out: Path, *, keep: int | None = None):
+    def __init__(self, out: Path):
         self.out = Path(out)
-        self.keep = keep
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def report(self, metrics, *, checkpoint, grid):
@@ -237,13 +235,7 @@ class LocalReporter:
         if grid is not None:
             write_image(self.out / "samples" / f"epoch_{epoch:04d}.png", grid)
         if checkpoint is not None:
-            dest = self.out / "checkpoints" / checkpoint.name
-            staging = dest.with_name(f".tmp-copy-{dest.name}")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(checkpoint, staging)
-            if dest.exists():
-                shutil.rmtree(dest)
-            staging.replace(dest)  # atomic: the folder appears complete or not at all
+            store_checkpoint(checkpoint, self.out / "checkpoints")  # atomic
         # Metrics last: a line in metrics.jsonl means its checkpoint is in place.
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-A real search costs ~1-2 minutes on 2 CPU cores (Ray start, a TorchTrainer
-per trial), so one tiny finished search is made once per test session and
+A real search costs ~0.5-2 minutes on 2 CPU cores (Ray start, then per
+trial an in-trial loop or a TorchTrainer), so one tiny finished search is made once per test session and
 shared by the tests of search, deploy, analysis and the UI. Tests that
 change a search make their own.
 """
@@ -35,6 +35,7 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
                     pruner: str = "median", extra_space: str = "", search_extra: str = "",
                     objective: str = "{metric: frechet, mode: min}", base: dict | None = None,
                     min_trials: int = 2,
+                    resources: str = "{workers_per_trial: 1, cpus_per_worker: 1}",
                     space: str = "  loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}\n"
                     ) -> str:
     base = {**TINY_BASE, "train.epochs": epochs, **(base or {})}
@@ -50,7 +51,7 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
         objective: {objective}
         search: {{algorithm: tpe, num_samples: {num_samples}, max_concurrent: {max_concurrent}, seed: 0,
                  early_stopping: {{pruner: {pruner}, grace_period: 1, min_trials: {min_trials}}}{search_extra}}}
-        resources: {{workers_per_trial: 1, cpus_per_worker: 1}}
+        resources: {resources}
         """)
 
 

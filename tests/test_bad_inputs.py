@@ -322,6 +322,11 @@ ROWS = [
         ("search.enqueue[0].loss.lambda_cycl",)),
     Row("cpus-per-worker-zero", space_with(x=_set("resources", "cpus_per_worker", 0)),
         ("resources", "cpus_per_worker")),
+    Row("executor-unknown", space_with(x=_set("resources", "executor", "inline")),
+        ("resources.executor", "in_trial")),
+    Row("executor-in-trial-with-ddp",
+        space_with(x=lambda raw: raw["resources"].update(executor="in_trial", workers_per_trial=2)),
+        ("resources.executor", "ray_train")),
     # --- data folders
     Row("data-missing", data_folder("missing"), ("no-such-folder",)),
     Row("data-empty-folder", data_folder("empty"), ("empty",)),

@@ -60,10 +60,10 @@ def fault_search(tmp_path_factory) -> FaultSearch:
         name="faults", num_samples=len(POINTS), max_concurrent=4, pruner="none", epochs=EPOCHS,
         space="  optim.lr_g: {distribution: loguniform, low: 1.0e-5, high: 1.0e+6}\n"
               "  optim.lr_d: {distribution: loguniform, low: 1.0e-5, high: 1.0e+6}\n",
-        search_extra=f", enqueue: [{enqueue}]")
-    # 4 trials × (0.45 worker + 0.01 trial driver) CPUs fit the 2 CI cores at once.
-    text = text.replace("cpus_per_worker: 1", "cpus_per_worker: 0.45")
-    assert "cpus_per_worker: 0.45" in text
+        search_extra=f", enqueue: [{enqueue}]",
+        # Ray Train's executor: its worker is what gets killed. 4 trials ×
+        # (0.45 worker + 0.01 trial driver) CPUs fit the 2 CI cores at once.
+        resources="{workers_per_trial: 1, cpus_per_worker: 0.45, executor: ray_train}")
     space = root / "faults.yaml"
     space.write_text(text)
     marker = root / "killed-worker"
@@ -159,6 +159,41 @@ def test_killed_worker_continues_from_its_checkpoint(fault_search, outcome):
     assert steps == list(range(1, EPOCHS + 1))  # each epoch once, none repeated or lost
     kept = [p.name for p in list_checkpoints(run.data.tags[tracking.CHECKPOINTS])]
     assert f"checkpoint_epoch_{EPOCHS:04d}" in kept
+
+
+@pytest.mark.slow
+def test_killed_in_trial_process_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """The in_trial executor (auto's choice for one worker): the killed
+    process is the Tune trial itself; Tune restarts it (max_failures) and it
+    continues from the newest checkpoint in its folder."""
+    from stain_search.search import run_search
+    from stain_search.spaces import load_space
+    from stain_search.study import load_study
+    from stain_search.trainables.cyclegan import KILL_AT_EPOCH_ENV, KILL_MARKER_ENV
+
+    space = tmp_path / "killed.yaml"
+    space.write_text(tiny_space_yaml(name="killed", num_samples=1, max_concurrent=1,
+                                     pruner="none", epochs=EPOCHS))
+    marker = tmp_path / "killed-trial"
+    monkeypatch.setenv(KILL_AT_EPOCH_ENV, str(KILL_AT))  # Ray's workers inherit it
+    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_search(space, storage=tmp_path / "runs", tracking_uri=uri, verbose=0)
+    assert marker.exists(), "the fault was never injected"
+    spec = load_space(tmp_path / "runs" / "killed" / "space.yaml")
+    assert spec.resources.resolved_executor == "in_trial"
+    [trial] = load_study(spec, tmp_path / "runs" / "killed" / "study.journal").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and summary[0].number == 0
+    c = tracking.client(uri)
+    [run] = tracking.trial_runs(c, c.get_experiment_by_name("killed").experiment_id,
+                                search="killed")
+    assert run.info.run_id == marker.read_text()
+    assert run.data.tags[tracking.RESUMED_FROM] == str(KILL_AT - 1)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS] == "finished"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss_G")]
+    assert steps == list(range(1, EPOCHS + 1))
+    kept = [p.name for p in list_checkpoints(run.data.tags[tracking.CHECKPOINTS])]
+    assert f"checkpoint_epoch_{EPOCHS:04d}" in kept and len(kept) <= 3  # 2 best + newest
 
 
 # --- atomic checkpoints (cheap) ---------------------------------------------

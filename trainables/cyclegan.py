@@ -1,14 +1,21 @@
-"""One search trial = one Ray Train job training one CycleGAN.
+"""One search trial = one CycleGAN training, in one of two executors.
 
 Thin driver, fat worker (Ray's ``train_tune_interop`` pattern): the Tune
-function ``cyclegan_trial`` only opens the trial's MLflow child run, builds a
-``TorchTrainer`` and calls ``fit()``; each Train worker runs
-``train_worker``, which is ``stain_search.train.run_training`` with a
-reporter that sends every epoch to Ray Train (checkpoint), MLflow (rank 0)
-and the Optuna pruner (rank 0).
+function ``cyclegan_trial`` opens the trial's MLflow child run and hands the
+training to an executor (``resources.executor`` of the space):
+
+- ``ray_train``: a ``TorchTrainer`` whose workers run ``train_worker`` —
+  ``stain_search.train.run_training`` with a reporter that sends every epoch
+  to Ray Train (checkpoint), MLflow (rank 0) and the Optuna pruner (rank 0).
+  DDP across workers; Ray Train restarts a lost worker from its checkpoint.
+- ``in_trial``: the same loop and reporter inside the Tune trial process,
+  keeping checkpoints in the trial's folder itself; Tune restarts a lost
+  trial, which continues from that folder. No worker group to start: this
+  saves the ~25-30 s a TorchTrainer costs per trial (bench/overhead.py), and
+  is what ``auto`` picks for single-worker trials.
 
 Names come from the Tune trial id, never a timestamp: a resumed search finds
-the same Train run (and resumes it from its last checkpoint) and the same
+the same trial folder (and resumes from its last checkpoint) and the same
 MLflow run.
 """
 
@@ -30,22 +37,28 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from stain_search import tracking
-from stain_search.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, read_meta
+from stain_search.checkpoint import (CheckpointError, best_checkpoint_in, latest_checkpoint,
+                                     prune_checkpoints, read_checkpoint, read_meta,
+                                     store_checkpoint)
 from stain_search.config import apply_overrides, from_dict
 from stain_search.errors import TrainingDiverged
 from stain_search.gan import world
-from stain_search.spaces import load_space
+from stain_search.spaces import Resources, load_space
 from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TrialPruning
 from stain_search.train import run_training
 
 
 class TrialReporter:
-    """Where a worker's epoch results go: Ray Train, MLflow, the pruner."""
+    """Where a worker's epoch results go: MLflow, the pruner, and Ray — Ray
+    Train (``ray_train``, which keeps the checkpoints) or Tune (``in_trial``,
+    checkpoints kept in the trial folder here)."""
 
-    def __init__(self, ctx: dict[str, Any]):
+    def __init__(self, ctx: dict[str, Any], *, in_trial: bool = False):
         self.rank, self.size = world()
         self.ctx = ctx
+        self.in_trial = in_trial
         self.pruned = False
+        self.last: dict[str, Any] = {}
         self.client = tracking.client(ctx["tracking_uri"]) if self.rank == 0 else None
         # A restarted trial re-runs from its last checkpoint: epochs MLflow
         # already holds are not logged twice (an exact resume repeats them).
@@ -68,9 +81,21 @@ class TrialReporter:
         self.pruned = self.agree(prune)
         if self.pruned:
             metrics["pruned"] = 1
-        ckpt = Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        ray.train.report(metrics, checkpoint=ckpt,
-                         checkpoint_dir_name=checkpoint.name if checkpoint is not None else None)
+        self.send(metrics, checkpoint)
+
+    def send(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        self.last = metrics
+        if not self.in_trial:
+            ckpt = Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+            ray.train.report(metrics, checkpoint=ckpt,
+                             checkpoint_dir_name=checkpoint.name if checkpoint is not None else None)
+            return
+        if checkpoint is not None:  # before Tune hears of the epoch, as Ray Train does
+            first = self.ctx["objectives"][0]
+            store_checkpoint(checkpoint, Path(self.ctx["trial_dir"]))
+            prune_checkpoints(Path(self.ctx["trial_dir"]), keep=self.ctx.get("keep_checkpoints", 2),
+                              metric=first["metric"], mode=first["mode"])
+        ray.tune.report(metrics)
 
     def agree(self, flag: bool) -> bool:
         """Rank 0 decides; every rank must stop at the same epoch."""
@@ -106,10 +131,23 @@ def _fault_injection(epoch: int, ctx: dict[str, Any]) -> None:
 
 def train_worker(ctx: dict[str, Any]) -> None:
     """The per-worker loop of one trial (runs on every Ray Train worker)."""
-    config = from_dict(ctx["config"])
     reporter = TrialReporter(ctx)
-    checkpoint = ray.train.get_checkpoint()
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    run_worker(ctx, reporter, checkpoint=ray.train.get_checkpoint(), device=device)
+
+
+def run_in_trial(ctx: dict[str, Any]) -> TrialReporter:
+    """The ``in_trial`` executor: the loop in this (Tune trial) process. A
+    restarted trial continues from the newest checkpoint in its folder."""
+    reporter = TrialReporter(ctx, in_trial=True)
+    run_worker(ctx, reporter, checkpoint=None, device=None)
+    return reporter
+
+
+def run_worker(ctx: dict[str, Any], reporter: TrialReporter, *, checkpoint: Checkpoint | None,
+               device: torch.device | None) -> None:
+    """Train one trial's CycleGAN, continuing from the newest checkpoint there is."""
+    config = from_dict(ctx["config"])
     try:
         with contextlib.ExitStack() as stack:
             registered = (Path(stack.enter_context(checkpoint.as_directory()))
@@ -133,8 +171,8 @@ def train_worker(ctx: dict[str, Any]) -> None:
         if reporter.client is not None:
             tracking.note_diverged(reporter.client, ctx["run_id"], str(err))
         # Tune insists every result names the objective(s): NaN, never a score.
-        ray.train.report({"diverged": 1, "error": str(err), "epoch": -1,
-                          **{o["metric"]: float("nan") for o in ctx["objectives"]}})
+        reporter.send({"diverged": 1, "error": str(err), "epoch": -1,
+                       **{o["metric"]: float("nan") for o in ctx["objectives"]}})
 
 
 def newest_checkpoint(registered: Path | None, trial_dir: str | None) -> Path | None:
@@ -179,35 +217,25 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: dict[str, Any]) -> None:
     worker_ctx = {**ctx, "config": config.to_dict(), "run_id": run_id,
                   "trial_dir": str(search_dir / "trials" / trial_name),
                   OPTUNA_TRIAL_ID: tune_config.get(OPTUNA_TRIAL_ID)}
-    res = ctx["resources"]
-    use_gpu = res["gpus_per_worker"] > 0
+    resources = Resources(**ctx["resources"])
     first = ctx["objectives"][0]
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=worker_ctx,
-        scaling_config=ScalingConfig(
-            num_workers=res["workers_per_trial"], use_gpu=use_gpu,
-            resources_per_worker={"CPU": res["cpus_per_worker"],
-                                  **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=trial_name, storage_path=str(search_dir / "trials"),
-            callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=ctx.get("max_failures", 2)),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=ctx.get("keep_checkpoints", 2),
-                checkpoint_score_attribute=first["metric"],
-                checkpoint_score_order=first["mode"])),
-    )
+    in_trial = resources.resolved_executor == "in_trial"
     status, error = "finished", None
     try:
-        result = trainer.fit()
-        final = dict(result.metrics or {})
+        if in_trial:
+            final = run_in_trial(worker_ctx).last
+            best = best_checkpoint_in(Path(worker_ctx["trial_dir"]), metric=first["metric"],
+                                      mode=first["mode"])
+        else:
+            result = ray_train_fit(worker_ctx, resources, trial_name=trial_name,
+                                   storage=search_dir / "trials")
+            final = dict(result.metrics or {})
+            best = best_checkpoint(result, metric=first["metric"], mode=first["mode"])
         diverged = tracking.diverged_error(c, run_id)
         if final.get("diverged") or diverged:
             status, error = "failed", diverged or str(final.get("error"))
         elif final.get("pruned"):
             status = "pruned"
-        best = best_checkpoint(result, metric=first["metric"], mode=first["mode"])
         if best is not None:  # the one a user would deploy, beside the run's metrics
             tracking.log_checkpoint(c, run_id, best)
     except Exception as err:  # noqa: BLE001 - recorded, then re-raised for Tune
@@ -215,8 +243,36 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: dict[str, Any]) -> None:
                                error="".join(traceback.format_exception_only(err)).strip())
         raise
     tracking.end_trial_run(c, run_id, status=status, error=error)
-    if status == "failed":
+    # A diverged trial ends as failed. Under ray_train the Tune trial errors
+    # (Tune does not retry it: max_failures 0 there); in_trial, where Tune's
+    # retries stand in for Ray Train's, raising would re-run a trial that can
+    # only diverge again, so it ends normally with its `diverged` result, which
+    # the searcher records as FAIL.
+    if status == "failed" and not in_trial:
         raise RuntimeError(f"trial {trial_name} failed: {error}")
+
+
+def ray_train_fit(ctx: dict[str, Any], resources: Resources, *, trial_name: str, storage: Path):
+    """The ``ray_train`` executor: one TorchTrainer (DDP over its workers)."""
+    use_gpu = resources.gpus_per_worker > 0
+    first = ctx["objectives"][0]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=ctx,
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial, use_gpu=use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker,
+                                  **({"GPU": resources.gpus_per_worker} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=trial_name, storage_path=str(storage),
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ctx.get("keep_checkpoints", 2),
+                checkpoint_score_attribute=first["metric"],
+                checkpoint_score_order=first["mode"])),
+    )
+    return trainer.fit()
 
 
 def best_checkpoint(result, *, metric: str, mode: str) -> Path | None:
