@@ -1,0 +1,286 @@
+"""Search efficiency: does TPE with early stopping find a good stain model with
+less compute than random search without it?
+
+On the phantom set (paired: the ground truth is known), for several seeds,
+two strategies each run N trials of the same space:
+
+    tpe     stain_search.study's TPE sampler (Bergstra et al., 2011) + its
+            median pruner (Golovin et al., 2017) deciding after every epoch
+    random  Optuna's RandomSampler, every trial trained to the end
+
+Compute is counted in **trial-epochs** (one epoch of one trial; every epoch
+costs the same here). For each seed the target is "within 5% of the best
+objective either strategy found"; the figure is the trial-epochs each
+strategy spent until its first *completed* trial reached the target
+(a pruned trial's partial score never counts). A strategy that never reaches
+it is reported as not reaching it, with the compute it spent.
+
+**What runs:** the algorithms, not the cluster. Each trial is
+``stain_search.train.run_training`` in this process, driven by a plain Optuna
+ask/tell loop with the same samplers, pruner and suggestion code as a real
+search (``stain_search.study.SAMPLERS``, ``make_pruner``,
+``stain_search.spaces.suggest``); the pruner sees each epoch's objective as
+``TrialPruning`` does. Ray adds ~30 s of fixed cost per trial on 2 CPU cores
+(bench/overhead.py), which would dwarf these tiny trials without changing
+which algorithm needs fewer epochs. The data set is read once and shared by
+all trials (``build_data`` memoised) — the same saving for both strategies.
+
+    python bench/search_efficiency.py                 # ~10-15 min on 2 CPU cores
+    python bench/search_efficiency.py --smoke-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import stain_search.train as train_mod  # noqa: E402
+from stain_search.errors import TrainingDiverged  # noqa: E402
+from stain_search.spaces import SearchSpec, load_space, suggest  # noqa: E402
+from stain_search.study import SAMPLERS, make_pruner  # noqa: E402
+
+TOLERANCE = 0.05  # "within 5% of the best objective found by either strategy"
+
+SPACE = """\
+name: bench-efficiency
+description: bench/search_efficiency.py — learning rate, λ and identity weight on the phantom
+data: builtin:phantom-trichrome
+base:
+{base}
+space:
+  optim.lr_g: {{distribution: loguniform, low: 1.0e-5, high: 3.0e-3}}
+  loss.lambda_cycle: {{distribution: loguniform, low: 1, high: 50}}
+  loss.lambda_identity: {{distribution: uniform, low: 0.0, high: 1.0}}
+objective: {{metric: {metric}, mode: {mode}}}
+search: {{algorithm: tpe, num_samples: {trials}, max_concurrent: 1, seed: 0,
+         early_stopping: {{pruner: median, grace_period: {grace}}}}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}}
+"""
+
+# Small enough for ~1-2 s per trial-epoch on one CPU core, large enough to learn colour.
+BASE = {"data.crop": 32, "data.batch_size": 4, "data.eval_images": 8, "model.depth": 3,
+        "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2, "train.epochs": 6,
+        "train.steps_per_epoch": 12, "train.checkpoint_every": 1000}
+SMOKE_BASE = {**BASE, "data.batch_size": 2, "data.eval_images": 4, "train.epochs": 2,
+              "train.steps_per_epoch": 2}
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    params: dict[str, Any]
+    state: str  # COMPLETE | PRUNED | FAIL
+    epochs: int  # trial-epochs spent
+    value: float | None  # final objective (COMPLETE only)
+    history: list[float] = field(default_factory=list)  # objective per epoch
+
+
+class PruningReporter:
+    """What TrialPruning does in a real search: report each epoch's objective
+    to the study's trial and stop when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, *, prune: bool):
+        self.trial, self.metric, self.prune = trial, metric, prune
+        self.history: list[float] = []
+        self.pruned = False
+
+    def report(self, metrics, *, checkpoint, grid) -> None:
+        value = float(metrics[self.metric])
+        self.history.append(value)
+        if self.prune:
+            self.trial.report(value, step=int(metrics["epoch"]))
+            self.pruned = self.trial.should_prune()
+
+    def should_stop(self) -> bool:
+        return self.pruned
+
+
+def run_trial(study: optuna.Study, spec: SearchSpec, *, prune: bool, seed: int) -> TrialRecord:
+    trial = study.ask()
+    values = suggest(trial, spec.params)
+    config = spec.trial_config({**values, "train.seed": seed})
+    metric = spec.objectives[0].metric
+    reporter = PruningReporter(trial, metric, prune=prune)
+    try:
+        train_mod.run_training(config, reporter=reporter, device=torch.device("cpu"),
+                               log=lambda m: None, should_stop=reporter.should_stop)
+    except TrainingDiverged:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return TrialRecord(trial.number, values, "FAIL", len(reporter.history) + 1, None,
+                           reporter.history)
+    if reporter.pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return TrialRecord(trial.number, values, "PRUNED", len(reporter.history), None,
+                           reporter.history)
+    final = reporter.history[-1]
+    study.tell(trial, final)
+    return TrialRecord(trial.number, values, "COMPLETE", len(reporter.history), final,
+                       reporter.history)
+
+
+STRATEGIES = {
+    # name → (sampler name in stain_search.study.SAMPLERS, prune?)
+    "tpe": ("tpe", True),
+    "random": ("random", False),
+}
+
+
+def run_strategy(name: str, spec: SearchSpec, *, seed: int, trials: int) -> list[TrialRecord]:
+    sampler_name, prune = STRATEGIES[name]
+    sampler = SAMPLERS[sampler_name](seed, False)
+    pruner = make_pruner(spec) if prune else optuna.pruners.NopPruner()
+    direction = "minimize" if spec.objectives[0].mode == "min" else "maximize"
+    study = optuna.create_study(direction=direction, sampler=sampler, pruner=pruner)
+    return [run_trial(study, spec, prune=prune, seed=seed) for _ in range(trials)]
+
+
+def within(value: float, target_best: float, mode: str) -> bool:
+    slack = TOLERANCE * abs(target_best)
+    return value <= target_best + slack if mode == "min" else value >= target_best - slack
+
+
+def compute_to_target(records: list[TrialRecord], best: float, mode: str) -> int | None:
+    """Trial-epochs spent until the first completed trial within 5% of ``best``."""
+    spent = 0
+    for r in records:
+        spent += r.epochs
+        if r.state == "COMPLETE" and r.value is not None and within(r.value, best, mode):
+            return spent
+    return None
+
+
+def best_of(records: list[TrialRecord], mode: str) -> float | None:
+    values = [r.value for r in records if r.state == "COMPLETE" and r.value is not None]
+    if not values:
+        return None
+    return min(values) if mode == "min" else max(values)
+
+
+def memoised_build_data():
+    """build_data once per data config: every trial here reads the same files."""
+    real = train_mod.build_data
+    cache: dict[str, Any] = {}
+
+    def build(config):
+        key = repr(config.data) + repr(config.eval)
+        if key not in cache:
+            cache[key] = real(config)
+        return cache[key]
+    return build
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2, 3])
+    p.add_argument("--trials", type=int, default=10, help="trials per strategy and seed")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {BASE['train.epochs']}")
+    p.add_argument("--metric", default="ssim_gt",
+                   help="objective (default ssim_gt: SSIM against the phantom's ground truth)")
+    p.add_argument("--mode", default="max", choices=["min", "max"])
+    p.add_argument("--grace", type=int, default=1, help="epochs before pruning may stop a trial")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="default: bench/results/search_efficiency.json")
+    p.add_argument("--smoke-test", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke_test:
+        args.seeds, args.trials = [0], 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    info = common.begin("search_efficiency", args.threads)
+    base = dict(SMOKE_BASE if args.smoke_test else BASE)
+    if args.epochs:
+        base["train.epochs"] = args.epochs
+    with tempfile.TemporaryDirectory(prefix="bench-efficiency-") as tmp:
+        space = Path(tmp) / "space.yaml"
+        space.write_text(SPACE.format(
+            base=textwrap.indent("\n".join(f"{k}: {v}" for k, v in base.items()), "  "),
+            metric=args.metric, mode=args.mode, trials=args.trials, grace=args.grace))
+        spec = load_space(space)
+    mode = spec.objectives[0].mode
+    print(f"objective {spec.objectives[0].metric} ({mode}); {args.trials} trials × "
+          f"{base['train.epochs']} epochs max; seeds {args.seeds}")
+    runs: dict[str, dict[int, list[TrialRecord]]] = {name: {} for name in STRATEGIES}
+    t0 = time.perf_counter()
+    with mock.patch.object(train_mod, "build_data", memoised_build_data()):
+        for seed in args.seeds:
+            for name in STRATEGIES:
+                t1 = time.perf_counter()
+                runs[name][seed] = run_strategy(name, spec, seed=seed, trials=args.trials)
+                recs = runs[name][seed]
+                print(f"  seed {seed} {name:6s}: best {best_of(recs, mode)}, "
+                      f"{sum(r.epochs for r in recs)} trial-epochs, "
+                      f"{sum(r.state == 'PRUNED' for r in recs)} pruned, "
+                      f"{sum(r.state == 'FAIL' for r in recs)} failed, "
+                      f"{time.perf_counter() - t1:.0f} s", flush=True)
+    per_seed = []
+    for seed in args.seeds:
+        bests = [b for b in (best_of(runs[n][seed], mode) for n in STRATEGIES) if b is not None]
+        best = (min(bests) if mode == "min" else max(bests)) if bests else None
+        row: dict[str, Any] = {"seed": seed, "best": best}
+        for name in STRATEGIES:
+            recs = runs[name][seed]
+            row[f"{name}_best"] = best_of(recs, mode)
+            row[f"{name}_to_target"] = compute_to_target(recs, best, mode) if best is not None else None
+            row[f"{name}_total"] = sum(r.epochs for r in recs)
+        if row["tpe_to_target"] and row["random_to_target"]:
+            row["ratio"] = row["random_to_target"] / row["tpe_to_target"]
+        per_seed.append(row)
+    summary = []
+    for name in STRATEGIES:
+        reached = [r[f"{name}_to_target"] for r in per_seed if r[f"{name}_to_target"] is not None]
+        summary.append({
+            "strategy": name, "seeds": len(per_seed), "reached": len(reached),
+            "median_to_target": statistics.median(reached) if reached else None,
+            "mean_to_target": statistics.fmean(reached) if reached else None,
+            "mean_total": statistics.fmean(r[f"{name}_total"] for r in per_seed),
+            "mean_best": statistics.fmean(b for b in (r[f"{name}_best"] for r in per_seed)
+                                          if b is not None) if per_seed else None,
+        })
+    ratios = [r["ratio"] for r in per_seed if r.get("ratio")]
+    print(f"\ntrial-epochs to reach within {TOLERANCE:.0%} of the best {spec.objectives[0].metric} "
+          f"either strategy found (per seed):")
+    print(common.format_table(per_seed, ["seed", "best", "tpe_best", "random_best", "tpe_to_target",
+                                         "random_to_target", "ratio", "tpe_total", "random_total"],
+                              headers=["seed", "best", "TPE best", "random best",
+                                       "TPE epochs→target", "random epochs→target",
+                                       "random/TPE", "TPE epochs total", "random epochs total"]))
+    print("\nsummary:")
+    print(common.format_table(summary, ["strategy", "seeds", "reached", "median_to_target",
+                                        "mean_to_target", "mean_total", "mean_best"],
+                              headers=["strategy", "seeds", "reached target", "median epochs→target",
+                                       "mean epochs→target", "mean epochs spent", "mean best"]))
+    geo = common.geometric_mean(ratios)
+    print(f"\nrandom/TPE compute ratio (geometric mean over {len(ratios)} seeds where both reached "
+          f"the target): {geo:.2f}" if geo else "\nno seed where both strategies reached the target")
+    print(f"wall time {time.perf_counter() - t0:.0f} s (in-process trials, no Ray)")
+    common.finish("search_efficiency", args.json, info, {
+        "settings": {k: v for k, v in vars(args).items() if k != "json"}, "base": base,
+        "tolerance": TOLERANCE, "per_seed": per_seed, "summary": summary,
+        "ratio_geomean": geo,
+        "trials": {name: {str(seed): [asdict(r) for r in recs] for seed, recs in by_seed.items()}
+                   for name, by_seed in runs.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
