@@ -20,9 +20,10 @@ it is reported as not reaching it, with the compute it spent.
 ask/tell loop with the same samplers, pruner and suggestion code as a real
 search (``stain_search.study.SAMPLERS``, ``make_pruner``,
 ``stain_search.spaces.suggest``); the pruner sees each epoch's objective as
-``TrialPruning`` does. Ray adds ~30 s of fixed cost per trial on 2 CPU cores
-(bench/overhead.py), which would dwarf these tiny trials without changing
-which algorithm needs fewer epochs. The data set is read once and shared by
+``TrialPruning`` does. Ray adds a fixed cost per trial (bench/overhead.py:
+~5 s for a fresh in_trial actor, ~22 s for a TorchTrainer, on 2 CPU cores),
+which would dwarf these tiny trials without changing which algorithm needs
+fewer epochs. The data set is read once and shared by
 all trials (``build_data`` memoised) — the same saving for both strategies.
 
     python bench/search_efficiency.py                 # ~10-15 min on 2 CPU cores
