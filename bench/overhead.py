@@ -35,7 +35,7 @@ per-trial cost, the per-epoch cost and the epoch length (printed, labelled as
 an extrapolation). Per-search costs (Ray start, the parent MLflow run) are
 shown apart: a search pays them once, not per trial.
 
-    python bench/overhead.py                 # ~3-4 minutes on 2 CPU cores
+    python bench/overhead.py                 # ~4 minutes on 2 CPU cores (3 searches)
     python bench/overhead.py --smoke-test    # tiny model; one Ray start
 """
 

@@ -26,7 +26,7 @@ which would dwarf these tiny trials without changing which algorithm needs
 fewer epochs. The data set is read once and shared by
 all trials (``build_data`` memoised) — the same saving for both strategies.
 
-    python bench/search_efficiency.py                 # ~10-15 min on 2 CPU cores
+    python bench/search_efficiency.py                 # ~4 min on 2 CPU cores (4 seeds x 10 trials)
     python bench/search_efficiency.py --smoke-test
 """
 
