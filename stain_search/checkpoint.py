@@ -12,14 +12,13 @@ reader picks, never a half checkpoint under a real name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stain_search.atomic import atomic_dir
 from stain_search.errors import StainSearchError
 
 FORMAT = "stain-search-checkpoint/1"
@@ -39,17 +38,9 @@ def checkpoint_name(epoch: int) -> str:
 def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path:
     """Write state + meta into ``folder`` (created; must not exist yet)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:  # re-written after a resume: replaced, never merged
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
-        if folder.exists():  # re-written after a resume: replace, never merge
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -100,13 +91,8 @@ def store_checkpoint(src: Path, root: Path) -> Path:
     """Copy the checkpoint folder ``src`` to ``root/<its name>``, atomically:
     the copy appears complete or not at all (it replaces an older one)."""
     dest = Path(root) / Path(src).name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.with_name(f".tmp-copy-{dest.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging)
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.replace(dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     return dest
 
 

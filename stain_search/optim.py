@@ -67,8 +67,9 @@ def adam_direction(param: Tensor, grad: Tensor, state: dict[str, Any],
     return m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def check_adam_args(lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> None:
+def adam_defaults(lr: float, betas: tuple[float, float], eps: float,
+                  weight_decay: float) -> dict[str, Any]:
+    """Checked Adam hyper-parameters, as an optimiser's ``defaults``."""
     if not lr >= 0:
         raise ValueError(f"invalid learning rate {lr}")
     if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -77,6 +78,7 @@ def check_adam_args(lr: float, betas: tuple[float, float], eps: float,
         raise ValueError(f"invalid eps {eps}")
     if not weight_decay >= 0:
         raise ValueError(f"invalid weight_decay {weight_decay}")
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 class OptimisticAdam(Optimizer):
@@ -98,9 +100,7 @@ class OptimisticAdam(Optimizer):
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        check_adam_args(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -202,9 +202,7 @@ class ExtraAdam(Extragradient):
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        check_adam_args(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
 
     def update(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return -group["lr"] * adam_direction(param, grad, self.state[param], group)

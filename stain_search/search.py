@@ -197,7 +197,7 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                     num_samples=spec.search.num_samples, metric=first.metric, mode=first.mode,
                     # in_trial: the next trial runs in the finished trial's
                     # process (torch, CUDA context and data already loaded):
-                    # ~4.5 s less per trial on 2 CPU cores (bench/overhead.py).
+                    # ~5.7 s less per trial on 2 CPU cores (bench/overhead.py).
                     reuse_actors=spec.resources.resolved_executor == "in_trial",
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(

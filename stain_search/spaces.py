@@ -91,8 +91,8 @@ class Resources:
     # Where a trial's training loop runs. ray_train: a TorchTrainer per trial
     # (Ray Train restarts a lost worker from its checkpoint). in_trial: inside
     # the Tune trial process (Tune restarts a lost trial from its checkpoint),
-    # saving the ~25-30 s a TorchTrainer takes to start its worker group, per
-    # trial. auto: in_trial for single-worker trials, ray_train for DDP.
+    # saving the ~16 s per trial a TorchTrainer's worker group costs on 2 CPU
+    # cores (bench/overhead.py). auto: in_trial for one worker, ray_train for DDP.
     executor: str = "auto"
     max_failures: int = 2  # restarts of a lost worker/trial before it counts as failed
 

@@ -8,6 +8,7 @@ Nothing here checks a timing: the figures come from the scripts, by hand.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -113,12 +114,68 @@ def test_overhead_smoke(tmp_path):
         costs = {r["cost"] for r in search["rows"]}
         assert must <= costs, (mode, costs)
         assert search["trials"] == 1 and search["epochs_per_trial"] == [2]
-        # The split is complete: its parts add up to the measured extra wall time.
-        assert sum(r["seconds"] for r in search["rows"]) == pytest.approx(search["extra_s"])
-        for r in search["rows"]:
-            if "Δ" not in r["cost"] and r["cost"] != "unattributed":
-                assert r["seconds"] >= 0, (mode, r)
-        assert search["wall_s"] > record["plain"]["wall_s"]
+        assert all(math.isfinite(r["seconds"]) for r in search["rows"]), mode
         (measured, sixty) = search["extrapolated"]
-        assert sixty["epoch_s"] == 60 and 0 < sixty["share_trial"] < measured["share_trial"]
+        assert sixty["epoch_s"] == 60 and sixty["epochs_in_5min"] == 5
     assert "Train worker start" not in {r["cost"] for r in record["in_trial"]["rows"]}
+
+
+def load_overhead():
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_split_of_a_known_timeline():
+    """The split itself, on made-up time stamps (no clock involved): every
+    second of the search's extra wall time lands in exactly one named cost."""
+    overhead = load_overhead()
+
+    def span(label, start, seconds):
+        return {"event": "span", "label": label, "start": start, "seconds": seconds, "depth": 1}
+
+    epoch = {"time_train_s": 3.0, "time_eval_s": 0.5, "time_checkpoint_s": 0.1}
+    records = [
+        {"event": "search_start", "t": 0.0},
+        span("mlflow.start_search_run@driver", 0.2, 0.5),
+        span("ray.init@driver", 1.0, 4.0),
+        span("tuner_fit", 5.5, 20.0),
+        {"event": "trial_start", "t": 6.0},
+        span("trainer_fit", 6.5, 17.0),
+        {"event": "worker_start", "t": 10.0},
+        span("run_training", 11.0, 8.0),
+        span("mlflow.log_epoch@worker", 13.5, 0.3),
+        {"event": "epoch", "t": 14.0, "metrics": epoch},
+        span("ckpt.ray_train_report@worker", 14.0, 0.2),
+        span("mlflow.log_epoch@worker", 17.5, 0.3),
+        {"event": "epoch", "t": 18.0, "metrics": epoch},
+        span("ckpt.ray_train_report@worker", 18.0, 0.2),
+        {"event": "worker_end", "t": 19.5},
+        {"event": "trial_end", "t": 24.0},
+        {"event": "search_end", "t": 27.0},
+    ]
+    plain = {"wall_s": 6.0, "epochs": [{"time_train_s": 2.5, "time_eval_s": 0.4,
+                                        "time_checkpoint_s": 0.1}] * 2}
+    b = overhead.breakdown({"wall_s": 27.0, "records": records}, plain)
+    assert b["extra_s"] == pytest.approx(21.0) and b["epochs_per_trial"] == [2]
+    costs = {}
+    for r in b["rows"]:
+        costs[r["cost"]] = costs.get(r["cost"], 0.0) + r["seconds"]
+    delta = overhead.DELTA
+    assert costs == pytest.approx({
+        "driver setup (space, study, MLflow parent run)": 0.5, "MLflow logging": 0.5 + 0.6,
+        "Ray start/stop": 4.0, "Tune: trial scheduled, actor ready": 1.0, "trial setup": 0.5,
+        "Train worker start": 3.5, "worker setup before the loop": 1.0,
+        "checkpoint persistence": 0.4, "training" + delta: 1.0, "evaluation" + delta: 0.2,
+        "checkpoint write" + delta: 0.0, "loop, other" + delta: -0.2,
+        "worker after the loop": 0.5, "Train worker stop": 4.0, "trial finish": 0.5,
+        "Tune: after the last trial": 1.5, "driver finish (Ray stop, summary)": 1.5,
+        "unattributed": 0.0})
+    steady = overhead.steady_state(b)
+    assert steady["per_trial_s"] == pytest.approx(11.0)  # the trial's own phases
+    assert steady["per_epoch_s"] == pytest.approx(0.5)  # MLflow + checkpoint per epoch
+    assert steady["per_search_s"] == pytest.approx(8.0)
+    five_min = overhead.extrapolate(b, epoch_s=60.0, trials_per_search=6)
+    assert five_min["share_trial"] == pytest.approx((11.0 + 0.5 * 5) / 300)
+    assert five_min["share_with_search_fixed"] == pytest.approx((11.0 + 0.5 * 5 + 8.0 / 6) / 300)

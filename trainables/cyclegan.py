@@ -11,8 +11,8 @@ training to an executor (``resources.executor`` of the space):
 - ``in_trial``: the same loop and reporter inside the Tune trial process,
   keeping checkpoints in the trial's folder itself; Tune restarts a lost
   trial, which continues from that folder. No worker group to start: this
-  saves the ~25-30 s a TorchTrainer costs per trial (bench/overhead.py), and
-  is what ``auto`` picks for single-worker trials.
+  saves ~16 s per trial on 2 CPU cores (bench/overhead.py), and is what
+  ``auto`` picks for single-worker trials.
 
 Names come from the Tune trial id, never a timestamp: a resumed search finds
 the same trial folder (and resumes from its last checkpoint) and the same
@@ -46,6 +46,9 @@ from stain_search.gan import world
 from stain_search.spaces import Resources, load_space
 from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TrialPruning
 from stain_search.train import run_training
+
+
+KEEP_CHECKPOINTS = 2  # per trial, the best by the first objective (+ the newest, in_trial)
 
 
 class TrialReporter:
@@ -93,7 +96,7 @@ class TrialReporter:
         if checkpoint is not None:  # before Tune hears of the epoch, as Ray Train does
             first = self.ctx["objectives"][0]
             store_checkpoint(checkpoint, Path(self.ctx["trial_dir"]))
-            prune_checkpoints(Path(self.ctx["trial_dir"]), keep=self.ctx.get("keep_checkpoints", 2),
+            prune_checkpoints(Path(self.ctx["trial_dir"]), keep=KEEP_CHECKPOINTS,
                               metric=first["metric"], mode=first["mode"])
         ray.tune.report(metrics)
 
@@ -268,7 +271,7 @@ def ray_train_fit(ctx: dict[str, Any], resources: Resources, *, trial_name: str,
             callbacks=[TuneReportCallback()],
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=ctx.get("keep_checkpoints", 2),
+                num_to_keep=KEEP_CHECKPOINTS,
                 checkpoint_score_attribute=first["metric"],
                 checkpoint_score_order=first["mode"])),
     )

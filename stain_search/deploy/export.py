@@ -28,8 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 
 from stain_search import __version__
+from stain_search.atomic import atomic_dir
 from stain_search.checkpoint import CheckpointError, read_checkpoint
 from stain_search.config import Config, ModelConfig, apply_overrides
 from stain_search.errors import ConfigError, StainSearchError
@@ -215,9 +214,7 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
     except RuntimeError as err:
         raise ModelError(f"the G weights do not fit the model config "
                          f"({str(err).splitlines()[0]})") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         portable_spec = write_portable(net, tmp, portable, depth=model.depth)
@@ -235,12 +232,6 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
             "files": {name: {"sha256": sha256(tmp / name)} for name in files},
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

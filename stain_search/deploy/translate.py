@@ -81,6 +81,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from stain_search.atomic import atomic_dir
 from stain_search.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, to_rgb8, write_image
 from stain_search.data.prepare import tissue_mask, tissue_threshold
 from stain_search.errors import ConfigError, DataError
@@ -975,18 +976,10 @@ def translate_path(translator: Translator, src: str | Path, dst: str | Path, *,
     if not files:
         raise DataError(f"{src}: no images to translate (extensions: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, .svs)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         for path in files:
             name = path.with_suffix(".tif").name if path.suffix.lower() == ".svs" else path.name
             translator.translate_file(path, tmp / name)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [dst / (p.with_suffix(".tif").name if p.suffix.lower() == ".svs" else p.name)
             for p in files]
 

@@ -192,7 +192,7 @@ class InceptionFeatures(nn.Module):
     torch-fidelity takes uint8 (B, 3, H, W) and resizes to 299² itself, as the
     TensorFlow original did. We hand it the state dict we loaded with
     ``weights_only=True`` by standing in for its downloader: its own loader
-    would ``torch.load(weights_only=False)`` a path, or fetch the URL.
+    would fully unpickle a local path, or fetch the URL.
     """
 
     def __init__(self, weights_path: str | Path):
