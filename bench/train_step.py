@@ -22,6 +22,10 @@ Variants (``--variants``, ``--switches``), each a library setting:
     compile        fp32 + torch.compile of G, F (and D_X, D_Y when R1 is off:
                    double backward does not compile) (train.compile)
     all            bf16 + every switch above
+    consensus      fp32 + consensus optimisation (optim.name consensus,
+                   Mescheder et al., 2017): Adam's step, plus a second forward
+                   and a double backward through G, F, D_X and D_Y for
+                   γ·∇½‖v‖²; its ratio to fp32 is its cost beside Adam
 
 Two phases: the *grid* (every size × batch × attention × R1, for the
 ``--variants``) and the *switches* (each switch alone and all together, on a
@@ -114,11 +118,13 @@ class Variant:
     fused: bool = False
     cudnn_benchmark: bool = False
     compile: bool = False
+    consensus: bool = False
 
     def overrides(self) -> dict[str, Any]:
         """The library settings this variant turns on."""
         return {"train.channels_last": self.channels_last, "optim.fused": self.fused,
-                "train.compile": self.compile}
+                "train.compile": self.compile,
+                "optim.name": "consensus" if self.consensus else "adam"}
 
 
 VARIANTS: dict[str, Variant] = {
@@ -131,6 +137,8 @@ VARIANTS: dict[str, Variant] = {
     "compile": Variant("fp32 + train.compile", compile=True),
     "all": Variant("bf16 + channels_last + fused + cudnn.benchmark + compile",
                    bf16=True, channels_last=True, fused=True, cudnn_benchmark=True, compile=True),
+    "consensus": Variant("fp32 + optim.name consensus (double backward through G, F, D)",
+                         consensus=True),
 }
 CUDA_ONLY = {"cudnn_benchmark"}
 
@@ -523,7 +531,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = args.batches or ([1, 4, 16] if cuda else [1, 4])
     args.variants = args.variants or (["plain", "fp32", "bf16"] if cuda else ["plain", "fp32"])
     if args.switches is None:
-        args.switches = [n for n in VARIANTS if n not in ("plain", "fp32")] if cuda else []
+        # consensus is an optimiser, not a speed switch: measured when asked for.
+        args.switches = [n for n in VARIANTS
+                         if n not in ("plain", "fp32", "consensus")] if cuda else []
     args.switch_sizes = args.switch_sizes or [max(args.sizes)]
     args.switch_batches = args.switch_batches or [max(args.batches)]
     for name in args.variants + args.switches:

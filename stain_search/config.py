@@ -29,8 +29,10 @@ from stain_search.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    # U-Net generators G: X→Y (H&E → stain) and F: Y→X.
-    generator: str = "unet"
+    # U-Net generators G: X→Y (H&E → stain) and F: Y→X. A Literal, so a typo
+    # fails here, before Ray; tests/test_registries.py keeps each closed set
+    # equal to its registry (models.GENERATORS here).
+    generator: Literal["unet"] = "unet"
     ngf: int = 64  # width of the first U-Net level (CycleGAN reference: 64)
     depth: int = 5  # down-sampling levels; the crop must be divisible by 2**depth
     norm: Literal["instance", "batch", "none"] = "instance"  # reference: instance
@@ -42,8 +44,14 @@ class ModelConfig:
     # reflect: no dark borders, so tiles of a slide join without seams;
     # zeros: the reference CycleGAN's exact layout.
     padding: Literal["reflect", "zeros"] = "reflect"
+    # Decoder upsampling (models.generators.UPSAMPLERS). transpose: the
+    # reference's ConvTranspose 4x4 stride 2; resize: bilinear x2 then a 3x3
+    # conv, which cannot leave the stride-2 checkerboard of transposed convs
+    # (Odena et al., 2016). Default transpose: the reference's layout;
+    # bench/checkerboard.py measures the two.
+    upsample: Literal["transpose", "resize"] = "transpose"
     # VGG-style discriminators D_X, D_Y: stacks of 3x3 convs, patch output.
-    discriminator: str = "vgg"
+    discriminator: Literal["vgg"] = "vgg"
     ndf: int = 64
     d_blocks: int = 3  # stride-2 blocks; receptive field grows with each
     spectral_norm: bool = False  # Miyato et al., 2018; stabilises D
@@ -61,8 +69,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    # adam | optimistic_adam | extra_adam; TTUR = a different lr_d from lr_g.
-    name: str = "adam"
+    # The keys of optim.OPTIMIZERS; TTUR = a different lr_d from lr_g.
+    name: Literal["adam", "optimistic_adam", "extra_adam", "consensus"] = "adam"
     lr_g: float = 2e-4  # reference: 2e-4 for G and D
     lr_d: float | None = None  # None → same as lr_g (no TTUR)
     beta1: float = 0.5  # reference: 0.5, the usual GAN momentum
@@ -71,6 +79,11 @@ class OptimConfig:
     # torch's fused Adam kernel (one kernel for all parameters; adam only):
     # measured by bench/train_step.py.
     fused: bool = False
+    # γ of consensus optimisation (optim.name: consensus; Mescheder et al.,
+    # 2017, "The Numerics of GANs"): each player's gradient gets γ·∇½‖v‖², v
+    # the joint gradient field of G and D. 10: the paper's value for its
+    # CIFAR-10 and CelebA GANs. Ignored by the other optimisers.
+    consensus_gamma: float = 10.0
 
 
 @dataclass
@@ -81,12 +94,38 @@ class DataConfig:
     crop: int = 64  # training crop; reference uses 256 after a 286 resize
     load_size: int | None = None  # resize shorter side first (None: native)
     batch_size: int = 1  # reference: 1
-    num_workers: int = 0
+    # DataLoader worker processes; auto: this worker's CPUs minus one (one
+    # stays for the training step). 0: with the decoded-image cache a crop
+    # costs well under a millisecond, so the main process keeps up with a
+    # CPU step without competing for its cores (bench/data_loader.py).
+    num_workers: int | Literal["auto"] = 0
+    # Decoded-image cache per loader process (MB), so each source image is
+    # decoded once per worker instead of once per item. auto: the whole
+    # training set if it fits in a quarter of the available RAM (split among
+    # the workers), else that quarter; 0 turns it off (decode per item).
+    cache_mb: int | Literal["auto"] = "auto"
     flip: bool = True
     rot90: bool = True  # tissue has no up: 90° rotations are free augmentation
     max_images: int | None = None  # cap per domain, for quick runs
-    eval_images: int = 16  # evaluation subset (pairs where they exist)
-    eval_crop: int | None = None  # centre crop for evaluation (None: crop)
+    # Evaluation crops tiled from every test image, tissue only, evenly spread
+    # (data.eval_crops module). None: 64 on CPU, 512 on a GPU — issue 11's sizes:
+    # 4-30x the old 3-16 centre crops, a few CPU-seconds per evaluation at the demo
+    # sizes; bench/eval_stability.py measures ranking stability at 16/64/256.
+    # Replaces `eval_images` (one centre crop per image).
+    eval_crops: int | None = None
+    eval_crop: int | None = None  # evaluation crop size (None: crop)
+    # Physical pixel size of the training images (µm/px), when neither tile nor
+    # slide metadata says (a `data prepare` manifest records it per tile).
+    # `export` stores it in model.json, so `translate` reads slides at the
+    # resolution G was trained at (0.25 ≈ 40x, 0.5 ≈ 20x scans). None: unknown.
+    mpp: float | None = None
+    # HED colour augmentation (Tellez et al., 2018, "Whole-slide mitosis
+    # detection in H&E breast histology using PHH3 as a reference"): each
+    # training H&E crop's haematoxylin, eosin and DAB channels scaled by
+    # U(1-σ, 1+σ) and shifted by U(-σ, σ), σ = this value, so G tolerates other
+    # labs' staining. 0: off (the reference CycleGAN has none); Tellez et al.
+    # found 0.05 (their "HED-light") a safe strength. Searchable in a space.
+    hed_jitter: float = 0.0
 
 
 @dataclass
@@ -102,6 +141,18 @@ class TrainConfig:
     pool_size: int = 50  # image history buffer for D (Shrivastava et al.; reference)
     eval_every: int = 1  # epochs between evaluations (the last epoch always)
     checkpoint_every: int = 1
+    # Full checkpoints `stain-search train` keeps: the k best by
+    # `keep_metric` plus the newest (a resume needs it); None keeps all. 2:
+    # a best and a runner-up, so one noisy evaluation cannot leave only a
+    # fluke; at the reference's widths each costs ~1.3 GB.
+    keep_checkpoints: int | None = 2
+    # Metric that ranks checkpoints for `keep_checkpoints`; frechet: fid with
+    # the Inception weights, else fd_random (the bundled spaces' objective).
+    keep_metric: str = "frechet"
+    # Also write G's weights (safetensors, no optimiser state) at every
+    # evaluated epoch, for picking an epoch later after retention pruned
+    # its full checkpoint.
+    generator_snapshots: bool = False
     sample_images: int = 4  # rows of the sample grid
     # Speed switches, off by default, each measured by bench/train_step.py:
     # NHWC memory format (tensor-core convolutions on GPUs) and torch.compile
@@ -121,6 +172,14 @@ class EvalConfig:
     feature_extractor: Literal["auto", "inception", "random"] = "auto"
     batch_size: int = 8
     ki67_f1: bool = True  # positive-nucleus F1 where the dataset has DAB
+    # Target stain for the stain-specific metrics (the keys of
+    # metrics.stain.DATASET_STAINS). auto: what the data layer knows (the
+    # phantom's own record, the BCI/MIST layouts, a pair layout's IHC/ folder).
+    stain: Literal["auto", "ki67", "her2", "ihc", "dab", "trichrome", "pas"] = "auto"
+    # KID's random subsets: torch-fidelity's 100; their size, None: half the
+    # evaluation crops (at most 1000), so subsets differ and `…_std` means something.
+    kid_subsets: int = 100
+    kid_subset_size: int | None = None
 
 
 @dataclass
@@ -146,12 +205,14 @@ class Config:
                            ("model.d_blocks", m.d_blocks), ("data.crop", d.crop),
                            ("data.batch_size", d.batch_size), ("train.epochs", self.train.epochs),
                            ("loss.r1_interval", self.loss.r1_interval),
-                           ("train.eval_every", self.train.eval_every)]:
+                           ("train.eval_every", self.train.eval_every),
+                           ("eval.kid_subsets", self.eval.kid_subsets)]:
             if value < 1:
                 raise ConfigError(f"`{key}` must be at least 1, got {value}")
         for key, value in [("loss.lambda_cycle", self.loss.lambda_cycle),
                            ("loss.lambda_identity", self.loss.lambda_identity),
                            ("loss.r1_gamma", self.loss.r1_gamma),
+                           ("optim.consensus_gamma", self.optim.consensus_gamma),
                            ("train.decay_epochs", self.train.decay_epochs)]:
             if value < 0:
                 raise ConfigError(f"`{key}` must not be negative, got {value}")
@@ -181,6 +242,23 @@ class Config:
         if not m.attention_channels_ratio > 0:
             raise ConfigError(f"`model.attention_channels_ratio` must be positive, got "
                               f"{m.attention_channels_ratio}")
+        for key, value in [("data.num_workers", d.num_workers), ("data.cache_mb", d.cache_mb)]:
+            if value != "auto" and value < 0:
+                raise ConfigError(f"`{key}` must be 0 or more (or auto), got {value}")
+        if d.mpp is not None and not d.mpp > 0:
+            raise ConfigError(f"`data.mpp` must be a positive µm/px (e.g. 0.25 for a 40x scan) "
+                              f"or null, got {d.mpp}")
+        if not 0 <= d.hed_jitter < 1:
+            raise ConfigError(f"`data.hed_jitter` must be in [0, 1) (0.05: Tellez et al.'s "
+                              f"light setting), got {d.hed_jitter}")
+        if self.train.keep_checkpoints is not None and self.train.keep_checkpoints < 1:
+            raise ConfigError(f"`train.keep_checkpoints` must be at least 1 (or null to keep "
+                              f"every checkpoint), got {self.train.keep_checkpoints}")
+        for key, value in [("data.eval_crops", d.eval_crops),
+                           ("eval.kid_subset_size", self.eval.kid_subset_size)]:
+            if value is not None and value < 2:
+                raise ConfigError(f"`{key}` must be at least 2 (a distance between two sets "
+                                  f"needs two samples of each), or null for the default; got {value}")
         return self
 
 
@@ -217,7 +295,16 @@ def coerce(value: Any, annotation: Any, *, key: str, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key=key, where=where)
+        if len(inner) == 1:
+            return coerce(value, inner[0], key=key, where=where)
+        for option in inner:  # e.g. int | Literal["auto"]: the first that fits
+            try:
+                return coerce(value, option, key=key, where=where)
+            except ConfigError:
+                pass
+        names = [" or ".join(map(repr, get_args(o))) if get_origin(o) is Literal
+                 else getattr(o, "__name__", str(o)) for o in inner]
+        raise ConfigError(f"{where}`{key}`: expected {' or '.join(names)}, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -245,11 +332,20 @@ def coerce(value: Any, annotation: Any, *, key: str, where: str) -> Any:
                       f"({type(value).__name__})")
 
 
+# Keys that existed once → what replaced them: an old config fails with the fix.
+REMOVED_KEYS: dict[str, str] = {
+    "data.eval_images": "evaluation now tiles crops from every test image: use "
+                        "`data.eval_crops` (a crop count; null: 64 on CPU, 512 on GPU)",
+}
+
+
 def apply_overrides(config: Config, overrides: Mapping[str, Any], *, where: str = "") -> Config:
     """Return a copy of ``config`` with dotted keys replaced, each one checked."""
     where = f"{where}: " if where else ""
     sections = {name: dataclasses.replace(getattr(config, name)) for name in SECTIONS}
     for key, value in overrides.items():
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{where}`{key}` was removed: {REMOVED_KEYS[key]}")
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(f"{where}`{key}`: unknown key{suggest(key, all_keys())}")
@@ -287,13 +383,58 @@ def from_dict(raw: Mapping[str, Any] | None, *, where: str = "") -> Config:
         raise ConfigError(f"{prefix}{err}") from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names the same key twice (PyYAML would keep the last)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=second)
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeySafeLoader(yaml.SafeLoader):
+    """The safe loader, refusing a mapping with a repeated key.
+
+    PyYAML silently keeps the last of two equal keys, so a space file that
+    lists ``loss.lambda_cycle`` twice would search the second range only.
+    Keys brought in by a merge (``<<: *base``) may still be overridden: that
+    is what a merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with the safe loader; errors name the file and line."""
+    """Read a YAML file with the safe loader; errors name the file and line.
+
+    A key repeated within one mapping is an error naming both lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = UniqueKeySafeLoader(path.read_text(encoding="utf-8"))
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except DuplicateKeyError as err:
+        a, b = err.first, err.second
+        at = (f"lines {a.line + 1} and {b.line + 1}" if a.line != b.line else
+              f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}")
+        raise ConfigError(f"{path}: key `{err.key}` appears twice ({at}): keep one") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -24,3 +24,19 @@ class DataError(StainSearchError):
 
 class TrainingDiverged(StainSearchError):
     """A loss became NaN or infinite; the trial cannot continue."""
+
+
+class StorageFull(StainSearchError):
+    """The search's storage refused a write (no space, quota, read-only)."""
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
+
+
+class SearchInterrupted(Exception):
+    """The user (or a scheduler) stopped a search; `resume` continues it.
+    Not a StainSearchError: nothing was wrong, and the exit status is 130."""
+
+    def __init__(self, name: str, signame: str):
+        self.name, self.signame = name, signame
+        super().__init__(f"interrupted ({signame}) — `stain-search resume {name}` continues it")

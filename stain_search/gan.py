@@ -7,14 +7,13 @@ Paper names → code names:
     D_Y judges stain images, D_X judges H&E images
     λ = loss.lambda_cycle; identity weight = λ · loss.lambda_identity
     R1 (Mescheder et al., 2018): (γ/2)·E‖∇D(y_real)‖², every k D-steps (lazy)
+    consensus (Mescheder et al., 2017): + γ·∇½‖v‖², v = (∇_{G,F} L_G, ∇_D L_D)
 
 One short function per update (`generator_step`, `discriminator_step`), a
 line per loss term, and LOSS_NAMES driving what is logged. Data parallelism
-is explicit (`sync_gradients`): the alternating G/D updates, R1's double
-backward and extragradient's two gradient evaluations per step do not fit
-DistributedDataParallel's one-forward-one-backward reducer, so gradients are
-averaged with one all-reduce per network group over the same process group
-(gloo on CPU, NCCL on GPU) that Ray Train sets up.
+is explicit: after each backward, `stain_search.distributed.sync_gradients`
+averages the gradients of one network group with one all-reduce (why not
+DistributedDataParallel: see that module).
 """
 
 from __future__ import annotations
@@ -24,14 +23,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from stain_search.config import Config
+from stain_search.distributed import broadcast_parameters, sync_gradients
 from stain_search.errors import TrainingDiverged
 from stain_search.losses import cycle_loss, gan_loss, identity_loss, r1_term
 from stain_search.models import build_discriminator, build_generator, init_weights
-from stain_search.optim import build_optimizers, minmax_step
+from stain_search.optim import build_optimizers, consensus_correction, minmax_step
 from stain_search.pool import ImagePool
 
 # Every loss the step reports, in the order a person reads them.
@@ -43,38 +42,6 @@ def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
     for net in nets:
         for p in net.parameters():
             p.requires_grad_(flag)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a distributed job."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def sync_gradients(params: list[nn.Parameter]) -> None:
-    """Average gradients across workers with one flattened all-reduce."""
-    _, size = world()
-    if size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def broadcast_parameters(module: nn.Module) -> None:
-    """Start every worker from rank 0's weights (as DDP does at construction)."""
-    if world()[1] == 1:
-        return
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(tensor.data, src=0)
 
 
 @dataclass
@@ -110,11 +77,17 @@ class CycleGAN(nn.Module):
         self.pool_x = ImagePool(config.train.pool_size, seed=seed + 1)
         self.pool_y = ImagePool(config.train.pool_size, seed=seed + 2)
         self.steps = 0  # optimiser steps taken (drives lazy R1 and extragradient)
+        # Consensus optimisation: γ·∇½‖v‖² per parameter, computed at the start
+        # of a step and added to that parameter's gradient by its optimiser step.
+        self.uses_consensus = getattr(self.opt_g, "needs_consensus", False)
+        self.consensus: dict[nn.Parameter, torch.Tensor] = {}
         use_bf16 = (config.train.precision == "bf16"
                     or (config.train.precision == "auto" and device.type == "cuda"))
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
             if use_bf16 else nullcontext
-        if config.train.compile:
+        # Consensus differentiates twice through all four nets, which compiled
+        # modules do not support: with it every net stays eager.
+        if config.train.compile and not self.uses_consensus:
             # In place (Module.compile): parameters, state_dict keys and so
             # checkpoints stay those of the eager nets.
             for net in (self.G, self.F) + (() if config.loss.r1_gamma > 0 else (self.D_X, self.D_Y)):
@@ -133,12 +106,10 @@ class CycleGAN(nn.Module):
 
     # --- the two updates -------------------------------------------------------
 
-    def generator_step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Update G and F against frozen D_X, D_Y; return losses and fakes."""
+    def generator_losses(self, x: torch.Tensor, y: torch.Tensor
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """G and F's loss terms, and the fakes (F(y), G(x)) they were computed on."""
         lam, lam_id = self.config.loss.lambda_cycle, self.config.loss.lambda_identity
-        x, y = batch.x, batch.y
-        set_requires_grad([self.D_X, self.D_Y], False)
-        self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
             fake_y = self.G(x)  # G(x): H&E → stain
             rec_x = self.F(fake_y)  # F(G(x)) ≈ x
@@ -152,6 +123,13 @@ class CycleGAN(nn.Module):
             if lam_id > 0:  # G should leave a stain image as it is (and F an H&E one)
                 losses["loss_identity"] = lam * lam_id * (identity_loss(self.G(y), y)
                                                           + identity_loss(self.F(x), x))
+        return losses, fake_x, fake_y
+
+    def generator_step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Update G and F against frozen D_X, D_Y; return losses and fakes."""
+        set_requires_grad([self.D_X, self.D_Y], False)
+        self.opt_g.zero_grad(set_to_none=True)
+        losses, fake_x, fake_y = self.generator_losses(batch.x, batch.y)
         total = sum(losses.values())
         values = check_finite(losses, step=self.steps)  # before any weight moves
         total.backward()
@@ -188,6 +166,37 @@ class CycleGAN(nn.Module):
         self._optimizer_step(self.opt_d)
         return values
 
+    def consensus_step(self, batch: Batch) -> None:
+        """γ·∇½‖v‖² for every parameter, at the current point of the game
+        (Mescheder et al., 2017), kept for the G and D updates that follow.
+
+        v = (∇_{G,F} L_G, ∇_{D_X,D_Y} L_D), with L_G the whole generator
+        objective and L_D the discriminators' adversarial loss on the current
+        fakes (the game's own field: pooled past fakes and R1 are the D step's
+        business). Both players' corrections come from this one point, so the
+        D step uses the pre-update θ: as simultaneous as the alternating
+        G-then-D update allows. With data parallelism each worker regularises
+        its own batch's field; the corrections are then averaged like gradients.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # The fused attention kernels have no double backward; the math one has.
+        with sdpa_kernel([SDPBackend.MATH]):
+            losses, fake_x, fake_y = self.generator_losses(batch.x, batch.y)
+            with self.autocast():
+                loss_d = (self.gan.d_loss(self.D_Y(batch.y), self.D_Y(fake_y))
+                          + self.gan.d_loss(self.D_X(batch.x), self.D_X(fake_x)))
+            params = self.generator_params + self.discriminator_params
+            _, correction = consensus_correction(
+                [(sum(losses.values()), self.generator_params),
+                 (loss_d, self.discriminator_params)], gamma=self.config.optim.consensus_gamma)
+        for p, g in zip(params, correction):
+            p.grad = g
+        sync_gradients(params)
+        self.consensus = {p: p.grad for p in params}
+        for p in params:
+            p.grad = None
+
     @property
     def extragradient(self) -> bool:
         return getattr(self.opt_g, "needs_extrapolation", False)
@@ -195,12 +204,19 @@ class CycleGAN(nn.Module):
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Extragradient (Gidel et al., 2019) alternates a look-ahead step and
         # an update from the look-ahead gradient, as their reference code does.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                extra = self.consensus.pop(p, None)
+                if extra is not None:
+                    p.grad = extra if p.grad is None else p.grad.add_(extra)
         minmax_step(optimizer, iteration=self.steps)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         if self.memory_format is not torch.contiguous_format:
             batch = Batch(x=batch.x.contiguous(memory_format=self.memory_format),
                           y=batch.y.contiguous(memory_format=self.memory_format))
+        if self.uses_consensus:
+            self.consensus_step(batch)
         g_losses, fakes = self.generator_step(batch)
         d_losses = self.discriminator_step(batch, fakes)
         self.steps += 1

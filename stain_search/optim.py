@@ -9,10 +9,15 @@
   Lacoste-Julien, 2019, "A Variational Inequality Perspective on Generative
   Adversarial Networks"): extragradient with Adam steps. ``ExtraSGD`` is
   plain extragradient (Korpelevich, 1976), used to test the idea.
+- ``consensus``: consensus optimisation (Mescheder, Nowozin & Geiger, 2017,
+  "The Numerics of GANs"): Adam on each player's gradient plus γ·∇½‖v‖²,
+  where v is the joint gradient field of both players (``optim.consensus_gamma``).
+  The correction needs a double backward through G and D; the training step
+  computes it with :func:`consensus_correction` (see ``gan.CycleGAN``).
 
 Simultaneous gradient descent–ascent spirals away from the equilibrium of
-even the simplest bilinear game min_x max_y x·y; optimism and extragradient
-converge on it (tests/test_optim.py checks exactly this).
+even the simplest bilinear game min_x max_y x·y; optimism, extragradient and
+consensus converge on it (tests/test_optim.py checks exactly this).
 
 TTUR (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule"):
 D and G get their own learning rates, ``optim.lr_d`` and ``optim.lr_g``.
@@ -30,7 +35,7 @@ every other optimiser, so a training loop needs no special case.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -208,6 +213,51 @@ class ExtraAdam(Extragradient):
         return -group["lr"] * adam_direction(param, grad, self.state[param], group)
 
 
+class ConsensusAdam(torch.optim.Adam):
+    """Adam on the consensus-regularised gradient field (Mescheder et al.,
+    2017, Algorithm 2, with Adam in place of their RMSProp).
+
+    The step is Adam's; what differs is the gradient it is given: for each
+    player i with loss L_i and parameters θ_i,
+
+        g_i = ∇_{θ_i} L_i + γ·∇_{θ_i} ½‖v‖²,   v = (∇_{θ_1} L_1, ∇_{θ_2} L_2),
+
+    the second term pulling both players towards points where the game's
+    vector field is small. It needs both losses at once, so the caller adds
+    it (:func:`consensus_correction`) before ``step()``; ``needs_consensus``
+    tells a training loop to do so.
+    """
+
+    needs_extrapolation = False
+    needs_consensus = True
+
+
+def consensus_correction(players: Sequence[tuple[Tensor, Sequence[Tensor]]], *,
+                         gamma: float) -> tuple[list[Tensor], list[Tensor]]:
+    """(v, γ·∇½‖v‖²) for consensus optimisation, each a list over the
+    parameters of every player, in order.
+
+    ``players`` pairs each player's loss with its parameters: v is the
+    gradient of each loss with respect to its own player's parameters, built
+    with ``create_graph`` so that ½‖v‖² can be differentiated with respect
+    to all of them (the double backward). A parameter a loss does not reach
+    gets zeros.
+    """
+    params = [p for _, ps in players for p in ps]
+    field: list[Tensor] = []
+    for loss, ps in players:
+        grads = torch.autograd.grad(loss, list(ps), create_graph=True, allow_unused=True)
+        field.extend(torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads))
+    half_norm = 0.5 * sum(g.float().pow(2).sum() for g in field)
+    if not half_norm.requires_grad:  # v does not depend on any parameter (a linear game)
+        correction = [torch.zeros_like(p) for p in params]
+    else:
+        grads = torch.autograd.grad(half_norm, params, allow_unused=True)
+        correction = [torch.zeros_like(p) if g is None else gamma * g
+                      for p, g in zip(params, grads)]
+    return [g.detach() for g in field], correction
+
+
 def minmax_step(optimizer: Optimizer, *, iteration: int) -> None:
     """Apply this iteration's gradients: extrapolate on even iterations and
     step on odd ones for extragradient optimisers (Gidel et al.'s loop), step
@@ -222,6 +272,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adam": torch.optim.Adam,
     "optimistic_adam": OptimisticAdam,
     "extra_adam": ExtraAdam,
+    "consensus": ConsensusAdam,
 }
 
 

@@ -30,7 +30,7 @@ from conftest import TINY_BASE
 from stain_search import cli
 from stain_search.data import read_image
 from stain_search.data.datasets import verify_dataset
-from stain_search.search import prepare_search_dir
+from stain_search.search_dir import SearchDir
 from stain_search.spaces import load_space
 
 NAME = "bad"
@@ -70,7 +70,7 @@ def valid_space(data: Path) -> dict:
 
 
 def valid_train_config() -> dict:
-    return {"data": {"crop": 32, "batch_size": 2, "eval_images": 2},
+    return {"data": {"crop": 32, "batch_size": 2, "eval_crops": 2},
             "model": {"depth": 3, "ngf": 8, "ndf": 8, "d_blocks": 2},
             "train": {"epochs": 1, "steps_per_epoch": 1}}
 
@@ -183,7 +183,7 @@ def _seed_existing(env: Env) -> None:
     """The state a started search leaves: its folder with search.json."""
     space = env.tmp / "first.yaml"
     space.write_text(yaml.safe_dump(valid_space(env.data), sort_keys=False))
-    prepare_search_dir(load_space(space), env.tmp / "runs" / NAME, resume=False)
+    SearchDir(env.tmp / "runs" / NAME).create(load_space(space))
 
 
 def existing(how: str) -> Callable[[Env], list[str]]:
@@ -244,6 +244,26 @@ def _when_bad_value(raw: dict) -> None:
         "when": {"model.attention": ["gatez"]}}
 
 
+def duplicate_space_key(env: Env) -> list[str]:
+    """`loss.lambda_cycle` listed twice: PyYAML alone would keep the second."""
+    raw = valid_space(env.data)
+    raw.pop("space")
+    return env.run("space:\n"
+                   "  loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}\n"
+                   "  loss.lambda_cycle: {distribution: uniform, low: 5, high: 20}\n"
+                   + yaml.safe_dump(raw, sort_keys=False))
+
+
+def duplicate_train_key(env: Env) -> list[str]:
+    config = valid_train_config()
+    train = config.pop("train")
+    return env.train("train:\n"
+                     f"  epochs: {train['epochs']}\n"
+                     f"  steps_per_epoch: {train['steps_per_epoch']}\n"
+                     "  epochs: 2\n"
+                     + yaml.safe_dump(config, sort_keys=False))
+
+
 @dataclass
 class Row:
     id: str
@@ -257,6 +277,8 @@ ROWS = [
         ("space.yaml", "not valid YAML", "line")),
     Row("yaml-not-a-mapping", lambda e: e.run("- a\n- b\n"), ("space.yaml", "mapping")),
     Row("yaml-binary", lambda e: e.run(b"\xff\xfe\x00\x81"), ("space.yaml", "text")),
+    Row("yaml-duplicate-key", duplicate_space_key,
+        ("space.yaml", "`loss.lambda_cycle`", "twice", "lines 2 and 3")),
     Row("space-file-missing", lambda e: ["run", str(e.tmp / "nope.yaml"), "--storage",
                                          str(e.tmp / "runs"), "--tracking-uri", e.uri],
         ("nope.yaml", "no such")),
@@ -268,6 +290,12 @@ ROWS = [
         ("space.loss.lamda_cycle", "lambda_cycle")),
     Row("base-key-misspelt", space_with(x=_set("base", "train.epoch", 3)), ("train.epoch",)),
     Row("base-wrong-type", space_with(x=_set("base", "train.epochs", "three")), ("train.epochs",)),
+    Row("base-optimizer-unknown", space_with(x=_set("base", "optim.name", "adamw")),
+        ("optim.name", "adamw", "extra_adam")),
+    Row("base-generator-unknown", space_with(x=_set("base", "model.generator", "resnet")),
+        ("model.generator", "resnet", "unet")),
+    Row("base-discriminator-unknown", space_with(x=_set("base", "model.discriminator", "patch")),
+        ("model.discriminator", "patch", "vgg")),
     Row("search-key-misspelt", space_with(x=_set("search", "num_sample", 4)),
         ("search.num_sample",)),
     Row("search-wrong-type", space_with(x=_set("search", "num_samples", "many")),
@@ -287,6 +315,29 @@ ROWS = [
     Row("choice-invalid-option", space_with(x=_param(
         "model.attention", {"distribution": "choice", "choices": ["none", "bogus"]})),
         ("model.attention", "bogus")),
+    Row("choice-optimizer-unknown", space_with(x=_param(
+        "optim.name", {"distribution": "choice", "choices": ["adam", "adamw"]})),
+        ("optim.name", "adamw")),
+    Row("step-on-log-scale", space_with(x=_lc(step=1)),
+        ("space.loss.lambda_cycle.step", "loguniform", "uniform")),
+    Row("step-on-logint", space_with(x=_param(
+        "train.pool_size", {"distribution": "logint", "low": 10, "high": 50, "step": 2})),
+        ("space.train.pool_size.step", "logint")),
+    Row("step-zero", space_with(x=_param(
+        "train.pool_size", {"distribution": "int", "low": 10, "high": 50, "step": 0})),
+        ("space.train.pool_size.step", "positive")),
+    Row("step-negative", space_with(x=_lc(distribution="uniform", step=-0.5)),
+        ("space.loss.lambda_cycle.step", "positive")),
+    Row("step-wider-than-range", space_with(x=_lc(distribution="uniform", step=100)),
+        ("space.loss.lambda_cycle.step", "wider", "49")),
+    Row("step-does-not-divide", space_with(x=_param(
+        "train.pool_size", {"distribution": "int", "low": 10, "high": 50, "step": 15})),
+        ("space.train.pool_size.step", "divide", "high: 40")),
+    Row("step-fractional-on-int", space_with(x=_param(
+        "train.pool_size", {"distribution": "int", "low": 10, "high": 50, "step": 1.5})),
+        ("space.train.pool_size.step", "whole")),
+    Row("step-not-a-number", space_with(x=_lc(distribution="uniform", step="fine")),
+        ("space.loss.lambda_cycle.step", "number")),
     Row("int-key-uniform", space_with(x=_param("model.ngf", {"distribution": "uniform", "low": 4, "high": 16})),
         ("space.model.ngf",)),
     Row("int-range-fractional", space_with(x=_param("model.ngf", {"distribution": "int", "low": 4.5, "high": 16})),
@@ -355,6 +406,12 @@ ROWS = [
         ("train.yaml", "trian")),
     Row("train-key-misspelt", train_with(lambda c: c["data"].update(crops=32)), ("crops",)),
     Row("train-wrong-type", train_with(lambda c: c["train"].update(epochs="x")), ("epochs",)),
+    Row("train-yaml-duplicate-key", duplicate_train_key,
+        ("train.yaml", "`epochs`", "twice", "lines 2 and 4")),
+    Row("train-optimizer-unknown", train_with(lambda c: c.update(optim={"name": "adamw"})),
+        ("train.yaml", "optim.name", "adamw")),
+    Row("train-generator-unknown", train_with(lambda c: c["model"].update(generator="resnet")),
+        ("train.yaml", "model.generator", "resnet")),
     Row("train-set-malformed", lambda e: e.train(valid_train_config(), "--set", "loss.lambda_cycle"),
         ("--set", "loss.lambda_cycle")),
     Row("train-set-unknown-key", lambda e: e.train(valid_train_config(), "--set", "loss.lambda_cycl=5"),

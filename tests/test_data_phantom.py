@@ -64,11 +64,11 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_write = phantom.write_image
 
-    def failing_write(path, array):
+    def failing_write(path, array, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
-        return real_write(path, array)
+        return real_write(path, array, **kwargs)
 
     monkeypatch.setattr(phantom, "write_image", failing_write)
     with pytest.raises(KeyboardInterrupt):

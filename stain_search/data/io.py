@@ -9,14 +9,13 @@ never from its name. Anything unreadable (empty, truncated, corrupt, not an
 image) raises :class:`~stain_search.errors.DataError` naming the file and
 the problem.
 
-Writes are atomic (a temporary name in the same folder, then
-``os.replace``): an interrupted run never leaves half an image behind.
+Writes are atomic (:func:`stain_search.atomic.atomic_path`: a temporary
+name in the same folder, then ``os.replace``): an interrupted run never
+leaves half an image behind.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from stain_search.atomic import atomic_path
 from stain_search.errors import DataError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -274,10 +274,12 @@ def _pil_format(suffix: str, path: Path) -> str:
     return fmt
 
 
-def write_image(path: str | Path, array: np.ndarray) -> Path:
+def write_image(path: str | Path, array: np.ndarray, *, fsync: bool = True) -> Path:
     """Write an (H, W, 3) or (H, W) uint8 array; format from the extension.
 
     Atomic: written under a temporary name in the same folder, then renamed.
+    ``fsync=False`` for the tiles of a folder built by ``atomic_dir``, which
+    is renamed into place as a whole (see :func:`stain_search.atomic.atomic_path`).
     """
     path = Path(path)
     array = np.asarray(array)
@@ -290,17 +292,9 @@ def write_image(path: str | Path, array: np.ndarray) -> Path:
     suffix = path.suffix.lower()
     is_tiff = suffix in (".tif", ".tiff")
     fmt = None if is_tiff else _pil_format(suffix, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600); this keeps the umask's mode.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            if is_tiff:
-                tifffile.imwrite(f, array, photometric="rgb" if array.ndim == 3 else None)
-            else:
-                Image.fromarray(array).save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "xb") as f:
+        if is_tiff:
+            tifffile.imwrite(f, array, photometric="rgb" if array.ndim == 3 else None)
+        else:
+            Image.fromarray(array).save(f, format=fmt)
     return path

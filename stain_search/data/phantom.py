@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from stain_search.data import stain as stain_model
+from stain_search.atomic import atomic_dir
 from stain_search.data.io import write_image
 from stain_search.errors import ConfigError, DataError
 
@@ -329,19 +328,24 @@ def _kind(kind: str) -> PhantomKind:
 def _write_splits(root: Path, kind: str, *, n_train: int, n_test: int, size: int,
                   seed: int) -> None:
     spec = _kind(kind)
+
+    def save(path: Path, image: np.ndarray) -> None:
+        # ``root`` is renamed into place whole (atomic_dir): no fsync per tile.
+        write_image(path, image, fsync=False)
+
     for split, staining in [("trainA", "he"), ("trainB", spec.staining)]:
         for i in range(n_train):
             tissue = sample_tissue(_rng(seed, split, i, 0), size=size,
                                    positive_fraction=spec.positive_fraction)
-            write_image(root / split / f"tile_{i:04d}.png",
-                        render(tissue, staining, _rng(seed, split, i, 1)))
+            save(root / split / f"tile_{i:04d}.png",
+                 render(tissue, staining, _rng(seed, split, i, 1)))
     for i in range(n_test):
         tissue, he, target = phantom_pair(kind, i, size=size, seed=seed)
         name = f"tile_{i:04d}.png"
-        write_image(root / "testA" / name, he)
-        write_image(root / "testB" / name, target)
+        save(root / "testA" / name, he)
+        save(root / "testB" / name, target)
         if spec.positive_fraction > 0:
-            write_image(root / "testB_mask" / name, tissue.positive.astype(np.uint8) * 255)
+            save(root / "testB_mask" / name, tissue.positive.astype(np.uint8) * 255)
 
 
 def generate_phantom(out_dir: str | Path, *, kind: str = "trichrome", n_train: int = 96,
@@ -360,9 +364,9 @@ def generate_phantom(out_dir: str | Path, *, kind: str = "trichrome", n_train: i
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: folder exists and is not empty; choose a new folder or "
                         f"delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    # overwrite=False: of several processes generating the same dataset at
+    # once, the first rename wins and the others fail (see builtin_dataset).
+    with atomic_dir(out, overwrite=False) as tmp:
         _write_splits(tmp, kind, n_train=n_train, n_test=n_test, size=size, seed=seed)
         meta = {"generator": "stain_search.data.phantom", "version": PHANTOM_VERSION,
                 "kind": kind, "stain": spec.stain,
@@ -373,12 +377,6 @@ def generate_phantom(out_dir: str | Path, *, kind: str = "trichrome", n_train: i
                 "positive_fraction": spec.positive_fraction, "classes": list(CLASS_NAMES),
                 "masks": "testB_mask" if spec.positive_fraction > 0 else None}
         (tmp / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above); os.rename needs it gone
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -396,6 +394,10 @@ class BuiltinDataset:
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "builtin:phantom-trichrome": BuiltinDataset(kind="trichrome"),
     "builtin:phantom-ki67": BuiltinDataset(kind="ki67"),
+    # The bundled spaces' `gpu` profile (256 px crops): 512² fields, so a crop
+    # is a random window, as the reference's 256 of 286; 48 of them hold ~200
+    # crop-sized fields and generate in about a minute.
+    "builtin:phantom-trichrome-512": BuiltinDataset(kind="trichrome", n_train=48, size=512),
 }
 
 
