@@ -8,7 +8,7 @@ What is measured (all with the library's own code):
   ``sample_grid``) against ``time_train_s`` of the second epoch;
 - **reference statistics** — ``Evaluator.prepare_reference`` with an empty
   cache (computed) and again with the cache filled (read from disk);
-- **the knobs** — ``data.eval_images`` (the evaluation subset) and
+- **the knobs** — ``data.eval_crops`` (the evaluation crop count) and
   ``eval.batch_size``, each combination timed directly with
   ``Evaluator.evaluate`` + ``sample_grid`` on a freshly built model.
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(None, base)
     canon = canonical(config, device=device)
     epoch_train_s = canon["time_train_s"]
-    print(f"\nthe loop's own timings ({config.data.eval_images} evaluation images, batch "
+    print(f"\nthe loop's own timings ({config.data.eval_crops or 'default'} evaluation crops, batch "
           f"{config.eval.batch_size}, fd_random):")
     print(common.format_table([canon], ["time_train_s", "time_eval_s", "time_checkpoint_s",
                                         "eval_share"],
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for extractor in args.extractors:
         for n in args.eval_images:
             for batch in args.eval_batches:
-                cfg = load_config(None, {**base, "data.eval_images": n, "eval.batch_size": batch})
+                cfg = load_config(None, {**base, "data.eval_crops": n, "eval.batch_size": batch})
                 r = time_evaluation(cfg, extractor=extractor, device=device, repeats=args.repeats)
                 r.update(extractor=extractor, eval_batch=batch,
                          share=r["eval_s"] / (epoch_train_s + r["eval_s"]),

@@ -64,7 +64,7 @@ import common  # noqa: E402
 # The bundled spaces' CPU-sized trial (search_spaces/lambda.yaml's base).
 LAMBDA_BASE = {"data.crop": 64, "data.batch_size": 4, "model.depth": 4, "model.ngf": 16,
                "model.ndf": 16, "train.steps_per_epoch": 24}
-TINY_BASE = {"data.crop": 32, "data.batch_size": 2, "data.eval_images": 4, "model.depth": 3,
+TINY_BASE = {"data.crop": 32, "data.batch_size": 2, "data.eval_crops": 4, "model.depth": 3,
              "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2, "train.steps_per_epoch": 2}
 LAMBDA_CYCLE = 10.0  # the one "searched" value: a choice of one, so both runs train alike
 TRIAL_SECONDS = 300.0  # the 5-minute trial the share is quoted for

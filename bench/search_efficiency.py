@@ -73,10 +73,10 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}}
 """
 
 # Small enough for ~1-2 s per trial-epoch on one CPU core, large enough to learn colour.
-BASE = {"data.crop": 32, "data.batch_size": 4, "data.eval_images": 8, "model.depth": 3,
+BASE = {"data.crop": 32, "data.batch_size": 4, "data.eval_crops": 8, "model.depth": 3,
         "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2, "train.epochs": 6,
         "train.steps_per_epoch": 12, "train.checkpoint_every": 1000}
-SMOKE_BASE = {**BASE, "data.batch_size": 2, "data.eval_images": 4, "train.epochs": 2,
+SMOKE_BASE = {**BASE, "data.batch_size": 2, "data.eval_crops": 4, "train.epochs": 2,
               "train.steps_per_epoch": 2}
 
 

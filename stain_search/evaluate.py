@@ -1,11 +1,18 @@
 """Evaluation of a CycleGAN's stain translation G: X→Y (H&E → stain), once per epoch.
 
-What each number means (DESIGN.md, "Metrics"):
+What each number means (the README's "Metrics" section says the same for users):
 
 - ``fid`` / ``fd_random`` — Fréchet distance between G's outputs and real
   stained images (Heusel et al., 2017); ``fid`` only with the standard
   Inception weights, else ``fd_random`` (see :mod:`stain_search.metrics.frechet`).
-  Small evaluation sets bias it upwards: compare only at equal set sizes.
+  Small evaluation sets bias it upwards: compare only at equal set sizes,
+  which is why ``fd_n`` (its sample count) is reported beside it.
+- ``kid`` / ``kd_random`` — kernel distance (KID, Bińkowski et al., 2018) on
+  the same features, unbiased at any sample size, with ``…_std`` its spread
+  over random subsets (:mod:`stain_search.metrics.kernel`).
+- ``stain_area_error``, ``stain_od_r`` — does the output hold as much of the
+  target stain, and in the same crops, as the real stain
+  (:mod:`stain_search.metrics.stain`); only where the dataset's stain is known.
 - ``ssim_structure`` — SSIM of grayscale input vs grayscale output: is the
   tissue architecture kept?
 - ``ssim_gt``, ``psnr_gt`` — output vs the paired real stain (paired data only).
@@ -19,9 +26,13 @@ What each number means (DESIGN.md, "Metrics"):
   each other as much as the inputs do.
 
 Images arrive as the training code holds them, (B, 3, H, W) in [-1, 1]; the
-metrics take [0, 1]. The evaluation set is small by design
-(``data.eval_images``), so outputs are kept in memory for the diversity
-measure (at most ``DIVERSITY_IMAGES`` of them).
+metrics take [0, 1]. The evaluation set is ``data.eval_crops`` tissue crops
+(:mod:`stain_search.data.eval_crops`); outputs are kept in memory for the
+diversity measure (at most ``DIVERSITY_IMAGES`` of them).
+
+Besides metrics, ``evaluate`` returns the sample counts of :data:`COUNT_KEYS`
+(``eval_crops``, ``fd_n``) and the stain areas of :data:`INFO_KEYS`: numbers
+to log beside the metrics (as run params, for the counts), never objectives.
 """
 
 from __future__ import annotations
@@ -39,8 +50,10 @@ from torchvision.utils import make_grid
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError, TrainingDiverged
 from stain_search.metrics.frechet import FeatureSpec, FrechetDistance, resolve_feature_extractor
+from stain_search.metrics.kernel import kernel_distance
 from stain_search.metrics.nuclei import PositiveNucleiF1
 from stain_search.metrics.ssim import psnr, ssim, ssim_structure
+from stain_search.metrics.stain import crop_stain, stain_area_error, stain_channel, stain_od_r
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +61,12 @@ Direction = Literal["min", "max"]
 METRIC_DIRECTIONS: dict[str, Direction] = {
     "fid": "min",
     "fd_random": "min",
+    "kid": "min",
+    "kid_std": "min",
+    "kd_random": "min",
+    "kd_random_std": "min",
+    "stain_area_error": "min",
+    "stain_od_r": "max",
     "ssim_structure": "max",
     "ssim_gt": "max",
     "psnr_gt": "max",
@@ -60,6 +79,10 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
 # membranes, where a nucleus detector would measure blob overlap under a false name.
 NUCLEAR_DAB_STAINS = ("ki67",)
 DIVERSITY_IMAGES = 64  # pairwise distances grow as N²; this many are plenty for a ratio
+# Reported beside the metrics, without a direction: how many crops each number is over
+# (log them as run params), and the two stain areas stain_area_error compares.
+COUNT_KEYS = ("eval_crops", "fd_n")
+INFO_KEYS = ("stain_area_output", "stain_area_real")
 
 
 def metric_directions() -> dict[str, Direction]:
@@ -75,9 +98,15 @@ def reported_metrics(eval_cfg: EvalConfig, *, has_pairs: bool, stain: str | None
                      spec: FeatureSpec | None = None) -> list[str]:
     """The metric names an Evaluator with these settings reports (≥ 2 evaluation images)."""
     spec = spec or resolve_feature_extractor(eval_cfg)
-    names = [spec.metric_name, "ssim_structure", "ssim_cycle", "output_diversity"]
+    names = [spec.metric_name, spec.kernel_name, f"{spec.kernel_name}_std", "ssim_structure",
+             "ssim_cycle", "output_diversity"]
+    has_channel = stain_channel(stain) is not None
+    if has_channel:
+        names.append("stain_area_error")
     if has_pairs:
         names += ["ssim_gt", "psnr_gt"]
+        if has_channel:
+            names.append("stain_od_r")
         if eval_cfg.ki67_f1 and _normalise_stain(stain) in NUCLEAR_DAB_STAINS:
             names.append("ki67_f1")
     return names
@@ -129,44 +158,61 @@ class Evaluator:
                  stain: str | None, device: torch.device | str,
                  cache_dir: str | Path | None = None):
         self.cfg = eval_cfg
-        self.dataset_key = dataset_key
+        self.dataset_key = dataset_key  # a label for logs
         self.has_pairs = has_pairs
         self.stain = stain
         self.device = torch.device(device)
         self.spec = resolve_feature_extractor(eval_cfg)
         self.frechet = FrechetDistance(self.spec, device=self.device, cache_dir=cache_dir)
         self.ki67 = has_pairs and eval_cfg.ki67_f1 and _normalise_stain(stain) in NUCLEAR_DAB_STAINS
+        self.channel = stain_channel(stain)
+        self.reference_area: np.ndarray | None = None  # per real-stain crop positive area
 
     @property
     def metric_names(self) -> list[str]:
         return reported_metrics(self.cfg, has_pairs=self.has_pairs, stain=self.stain, spec=self.spec)
 
+    @property
+    def reference_key(self) -> str | None:
+        """The reference cache's key (pixels + extractor), once prepared."""
+        return self.frechet.reference_key
+
     def describe(self) -> str:
         ref = self.frechet.reference
-        refs = f"{ref.n} real images" if ref is not None else "not prepared yet"
-        return (f"{self.spec.metric_name} on {self.spec.description}; reference statistics: "
-                f"{refs} ({self.dataset_key}); metrics: {', '.join(self.metric_names)}")
+        refs = f"{ref.n} real-stain crops" if ref is not None else "not prepared yet"
+        stain = (f"; stain metrics on {self.channel.label}" if self.channel is not None
+                 else f"; no stain metrics (stain {self.stain!r} unknown: set `eval.stain`)")
+        return (f"{self.spec.metric_name} and {self.spec.kernel_name} on {self.spec.description}; "
+                f"reference: {refs} ({self.dataset_key}){stain}; "
+                f"metrics: {', '.join(self.metric_names)}")
+
+    def _set_reference(self, batches: list[torch.Tensor]) -> None:
+        """batches: (B, 3, H, W) in [0, 1]."""
+        self.frechet.reference_stats(batches)
+        if self.channel is not None:
+            self.reference_area = np.concatenate([crop_stain(b, self.channel).area for b in batches])
 
     def prepare_reference(self, reference_batches: Iterable[torch.Tensor]) -> None:
-        """Statistics of the real stained images ((B, 3, H, W) in [-1, 1]), cached on disk."""
-        batches = list(reference_batches)
+        """Statistics of the real stained crops ((B, 3, H, W) in [-1, 1]), cached on disk."""
+        batches = [to_unit(b) for b in reference_batches]
         n = sum(b.shape[0] for b in batches)
         if n < 2:
-            raise ConfigError(f"the Fréchet distance needs at least 2 real evaluation images of "
-                              f"{self.dataset_key}, got {n}: raise `data.eval_images` or add "
-                              f"test images")
-        self.frechet.reference_stats(self.dataset_key, (to_unit(b) for b in batches))
+            raise ConfigError(f"the Fréchet and kernel distances need at least 2 real "
+                              f"evaluation crops of {self.dataset_key}, got {n}: raise "
+                              f"`data.eval_crops` or add test images")
+        self._set_reference(batches)
 
     def evaluate(self, generator_g: nn.Module, generator_f: nn.Module,
                  batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Run G (and F for the cycle) over the evaluation batches; return mean metrics.
 
         Each batch is {"A": H&E, "B": real stain (optional)}, (B, 3, H, W) in
-        [-1, 1]; "B" is the paired target when the dataset has pairs. Without
+        [-1, 1]; "B" is the aligned target when the dataset has pairs. Without
         ``prepare_reference``, the "B" images seen here become the reference.
         """
         per_image: dict[str, list[torch.Tensor]] = {}
         kept_inputs, kept_outputs, real_b = [], [], []
+        out_stain, target_stain = [], []
         nuclei = PositiveNucleiF1() if self.ki67 else None
         self.frechet.reset()
 
@@ -184,6 +230,8 @@ class Evaluator:
                 add("ssim_structure", ssim_structure(x01, y01))
                 add("ssim_cycle", ssim(to_unit(generator_f(fake)), x01))
                 self.frechet.update(y01, real=False)
+                if self.channel is not None:
+                    out_stain.append(crop_stain(y01, self.channel))
                 if sum(t.shape[0] for t in kept_inputs) < DIVERSITY_IMAGES:
                     kept_inputs.append(x01.cpu())
                     kept_outputs.append(y01.cpu())
@@ -194,19 +242,24 @@ class Evaluator:
                     if self.has_pairs:
                         add("ssim_gt", ssim(y01, target))
                         add("psnr_gt", psnr(y01, target))
+                        if self.channel is not None:
+                            target_stain.append(crop_stain(target, self.channel))
                         if nuclei is not None:
                             nuclei.update(y01, target)
 
         metrics = {name: float(torch.cat(values).mean()) for name, values in per_image.items()}
         if self.frechet.reference is None and sum(b.shape[0] for b in real_b) >= 2:
-            self.frechet.reference_stats(self.dataset_key, iter(real_b))
-        n_fake = sum(b.shape[0] for b in kept_inputs)
+            self._set_reference(real_b)
+        n_fake = sum(f.shape[0] for f in self.frechet._fake)
+        metrics["eval_crops"] = n_fake
         if self.frechet.reference is not None and n_fake >= 2:
-            metrics[self.spec.metric_name] = self.frechet.compute()
+            metrics.update(self._distances())
         else:
-            logger.warning("%s not computed: %s", self.spec.metric_name,
-                           "need at least 2 evaluation images" if n_fake < 2
-                           else "no real stained images (call prepare_reference)")
+            logger.warning("%s and %s not computed: %s", self.spec.metric_name,
+                           self.spec.kernel_name, "need at least 2 evaluation crops"
+                           if n_fake < 2 else "no real stained images (call prepare_reference)")
+        if out_stain:
+            metrics.update(self._stain_metrics(out_stain, target_stain))
         if kept_inputs:
             diversity = output_diversity(torch.cat(kept_inputs)[:DIVERSITY_IMAGES],
                                          torch.cat(kept_outputs)[:DIVERSITY_IMAGES])
@@ -214,6 +267,26 @@ class Evaluator:
                 metrics["output_diversity"] = diversity
         if nuclei is not None:
             metrics["ki67_f1"] = nuclei.compute()["f1"]
+        return metrics
+
+    def _distances(self) -> dict[str, float]:
+        """FD and KD of this evaluation's outputs to the reference, with their sample count."""
+        fake, real = self.frechet.fake_features(), self.frechet.real_features()
+        kd = kernel_distance(fake, real, subsets=self.cfg.kid_subsets,
+                             subset_size=self.cfg.kid_subset_size)
+        name = self.spec.kernel_name
+        return {self.spec.metric_name: self.frechet.compute(), "fd_n": len(fake),
+                name: kd.mean, f"{name}_std": kd.std}
+
+    def _stain_metrics(self, outputs: list, targets: list) -> dict[str, float]:
+        area = np.concatenate([s.area for s in outputs])
+        metrics: dict[str, float] = {"stain_area_output": float(area.mean())}
+        if self.reference_area is not None:
+            metrics["stain_area_real"] = float(self.reference_area.mean())
+            metrics["stain_area_error"] = stain_area_error(area, self.reference_area)
+        if targets and len(area) >= 2:
+            metrics["stain_od_r"] = stain_od_r(np.concatenate([s.od for s in outputs]),
+                                               np.concatenate([s.od for s in targets]))
         return metrics
 
 

@@ -179,3 +179,14 @@ def test_overhead_split_of_a_known_timeline():
     five_min = overhead.extrapolate(b, epoch_s=60.0, trials_per_search=6)
     assert five_min["share_trial"] == pytest.approx((11.0 + 0.5 * 5) / 300)
     assert five_min["share_with_search_fixed"] == pytest.approx((11.0 + 0.5 * 5 + 8.0 / 6) / 300)
+
+
+def test_eval_stability_smoke(tmp_path):
+    stdout, record = run_bench("eval_stability", tmp_path, timeout=600)
+    assert table_rows(stdout, "| dataset")
+    (row,) = record["stability"]
+    assert row["dataset"] == "phantom" and row["crops_per_half"] == 4 and row["checkpoints"] >= 2
+    for metric in ("fd_random", "kd_random", "ssim_structure", "stain_area_error", "stain_od_r"):
+        assert math.isnan(row[metric]) or -1 <= row[metric] <= 1
+    (share,) = record["eval_share"]
+    assert share["eval_crops"] == 4 and 0 < share["share"] < 1

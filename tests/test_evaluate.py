@@ -11,8 +11,8 @@ from skimage.draw import disk
 
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError, TrainingDiverged
-from stain_search.evaluate import (Evaluator, eval_mode, metric_directions, output_diversity,
-                                   reported_metrics, sample_grid)
+from stain_search.evaluate import (COUNT_KEYS, INFO_KEYS, Evaluator, eval_mode, metric_directions,
+                                   output_diversity, reported_metrics, sample_grid)
 from stain_search.metrics import frechet
 
 RANDOM = EvalConfig(feature_extractor="random")
@@ -68,7 +68,9 @@ def test_identity_generator_on_identical_pairs_scores_perfectly(tmp_path):
     assert m["output_diversity"] == pytest.approx(1.0)
     assert m["fd_random"] == pytest.approx(0.0, abs=1e-6)  # outputs are the reference images
     assert "fid" not in m and "ki67_f1" not in m
-    assert set(m) == set(ev.metric_names)
+    assert set(m) - set(COUNT_KEYS) - set(INFO_KEYS) == set(ev.metric_names)
+    assert m["eval_crops"] == m["fd_n"] == 8
+    assert m["kd_random"] == pytest.approx(0.0, abs=1e-3) and m["kd_random_std"] >= 0
 
 
 def test_constant_generator_collapses_and_loses_structure(tmp_path):
@@ -173,7 +175,7 @@ def test_reference_falls_back_to_batch_targets_and_is_cached(tmp_path):
     ev = make_evaluator(tmp_path, has_pairs=False, key="fallback")
     m = ev.evaluate(nn.Identity(), nn.Identity(), batches(x, y))
     assert m["fd_random"] > 0 and ev.frechet.reference.n == 6
-    assert ev.frechet.stats_path("fallback").is_file()
+    assert ev.frechet.stats_path(ev.reference_key).is_file()
     prepared = make_evaluator(tmp_path, has_pairs=False, key="fallback")
     prepared.prepare_reference([y])  # a cache hit: same statistics
     assert prepared.frechet.reference.n == 6
@@ -182,7 +184,7 @@ def test_reference_falls_back_to_batch_targets_and_is_cached(tmp_path):
 
 
 def test_prepare_reference_rejects_a_single_image(tmp_path):
-    with pytest.raises(ConfigError, match="data.eval_images"):
+    with pytest.raises(ConfigError, match="data.eval_crops"):
         make_evaluator(tmp_path, key="one").prepare_reference([smooth_images(1, seed=8)])
 
 
@@ -211,4 +213,4 @@ def test_describe_says_what_the_features_are(tmp_path):
     ev = make_evaluator(tmp_path)
     ev.prepare_reference([smooth_images(4, seed=11)])
     text = ev.describe()
-    assert "fd_random" in text and "NOT Inception" in text and "4 real images" in text
+    assert "fd_random" in text and "NOT Inception" in text and "4 real-stain crops" in text

@@ -17,7 +17,7 @@ from stain_search.errors import ConfigError
 from stain_search.metrics import frechet
 from stain_search.metrics.frechet import (FeatureSpec, FrechetDistance, build_feature_extractor,
                                           frechet_distance, frechet_distance_to_samples,
-                                          resolve_feature_extractor)
+                                          reference_key, resolve_feature_extractor)
 
 
 def scipy_frechet(mu1, sigma1, mu2, sigma2) -> float:
@@ -263,21 +263,23 @@ def test_reference_stats_cache_hit_returns_identical_numbers_without_recomputing
     g = torch.Generator().manual_seed(0)
     real = [torch.rand(4, 3, 32, 32, generator=g) for _ in range(2)]
     first = FrechetDistance(random_spec(), cache_dir=tmp_path / "c")
-    stats = first.reference_stats("builtin:phantom/ki67-64-8", iter(real))
-    assert first.stats_path("builtin:phantom/ki67-64-8").is_file()
-    name = first.stats_path("builtin:phantom/ki67-64-8").name
-    assert name.startswith("fd_random-builtin_phantom_ki67-64-8")
-
-    def must_not_be_consumed():
-        raise AssertionError("cache miss: images were read again")
-        yield
+    stats = first.reference_stats(real)
+    assert first.stats_path(first.reference_key).is_file()
+    assert first.stats_path(first.reference_key).name.startswith("fd_random-")
 
     second = FrechetDistance(random_spec(), cache_dir=tmp_path / "c")
-    again = second.reference_stats("builtin:phantom/ki67-64-8", must_not_be_consumed())
+
+    def must_not_be_called(images):
+        raise AssertionError("cache miss: features were extracted again")
+
+    second.features = must_not_be_called
+    again = second.reference_stats(real)
     np.testing.assert_array_equal(stats.mu, again.mu)
     np.testing.assert_array_equal(stats.sigma, again.sigma)
+    np.testing.assert_array_equal(first.reference_features, second.reference_features)
     assert again.n == 8
     # The cached reference gives the same distance as feeding the real images directly.
+    del second.features
     fake = torch.rand(8, 3, 32, 32, generator=g)
     second.update(fake, real=False)
     direct = FrechetDistance(random_spec(), cache_dir=tmp_path / "unused")
@@ -287,20 +289,28 @@ def test_reference_stats_cache_hit_returns_identical_numbers_without_recomputing
     assert second.compute() == pytest.approx(direct.compute(), abs=1e-9)
 
 
-def test_reference_stats_from_other_features_are_recomputed(tmp_path):
+def test_reference_key_is_the_pixels_and_the_extractor():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(4, 3, 16, 16, generator=g)]
+    key = reference_key(images, "random-conv-v1/seed0")
+    assert key == reference_key([images[0].clone()], "random-conv-v1/seed0")
+    assert key != reference_key(images, "inception-v3-compat/pt_inception-2015-12-05/pool3")
+    changed = images[0].clone()
+    changed[0, 0, 0, 0] = 1 - changed[0, 0, 0, 0]  # one pixel, one channel
+    assert key != reference_key([changed], "random-conv-v1/seed0")
+    assert key == reference_key([images[0][:2], images[0][2:]], "random-conv-v1/seed0")  # batching
+    assert key != reference_key([images[0][:, :, :8]], "random-conv-v1/seed0")
+
+
+def test_a_cache_file_for_other_images_is_recomputed(tmp_path):
     fd = FrechetDistance(random_spec(), cache_dir=tmp_path)
-    path = fd.stats_path("ds")
-    path.parent.mkdir(parents=True)
-    np.savez(path, mu=np.zeros(480), sigma=np.eye(480), n=99, identity="something-else")
     images = torch.rand(4, 3, 32, 32)
-    stats = fd.reference_stats("ds", [images])
+    path = fd.stats_path(reference_key([images], fd.identity))
+    path.parent.mkdir(parents=True)
+    np.savez(path, features=np.zeros((9, 480)), key="something-else")
+    stats = fd.reference_stats([images])
     assert stats.n == 4
     np.testing.assert_allclose(stats.mu, fd.features(images).mean(0))
-
-
-def test_distinct_keys_get_distinct_files(tmp_path):
-    fd = FrechetDistance(random_spec(), cache_dir=tmp_path)
-    assert fd.stats_path("a/b") != fd.stats_path("a_b")
 
 
 def test_compute_needs_reference_and_two_samples():

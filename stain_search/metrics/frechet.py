@@ -22,9 +22,13 @@ The eigenvalue forms used below stay finite for singular covariances, where
 pytorch-fid's ``sqrtm`` needs an ε·I offset, and exploit the low rank of a
 small sample's covariance for speed.
 
-Real-image ("reference") statistics are computed once per dataset and cached
-as ``<cache>/fid_stats/<metric_name>-<dataset_key>.npz``; the cache folder is
-``$STAIN_SEARCH_CACHE`` or ``~/.cache/stain-search``.
+Real-image ("reference") features are computed once per reference set and
+cached as ``<cache>/fid_stats/<metric_name>-<key>.npz``, the key a hash of the
+reference crops' pixels and the feature extractor's identity (so any change
+of images, crop, ``data.load_size`` or extractor is a different file). The
+features themselves are cached, not only their mean and covariance, because
+the kernel distance (:mod:`stain_search.metrics.kernel`) needs them. The
+cache folder is ``$STAIN_SEARCH_CACHE`` or ``~/.cache/stain-search``.
 """
 
 from __future__ import annotations
@@ -32,17 +36,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from stain_search.atomic import atomic_path
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError
 
@@ -147,6 +150,11 @@ class FeatureSpec:
     weights_path: str | None
     description: str  # what the features are, for logs and reports
 
+    @property
+    def kernel_name(self) -> str:
+        """The kernel distance on the same features: "kid" | "kd_random"."""
+        return _extractor(self.name).kernel_name
+
 
 def hub_cache_weights() -> Path:
     """Where torch-fidelity's (and torchmetrics') download of the Inception weights lands."""
@@ -154,10 +162,11 @@ def hub_cache_weights() -> Path:
 
 
 def how_to_get_weights() -> str:
-    return (f"FID needs the pt_inception-2015-12-05 weights that torch-fidelity uses: on a machine "
-            f"with internet, download {INCEPTION_URL} and point `eval.fid_weights` (or "
-            f"${WEIGHTS_ENV}) at the file, or copy it to {hub_cache_weights()}. Or set "
-            f"`eval.feature_extractor: random` to log `fd_random` instead of FID.")
+    return (f"FID needs the pt_inception-2015-12-05 weights that torch-fidelity uses: "
+            f"`stain-search weights fetch` downloads them (or download {INCEPTION_URL} on a "
+            f"machine with internet and point `eval.fid_weights` or ${WEIGHTS_ENV} at the file, "
+            f"or copy it to {hub_cache_weights()}). Or set `eval.feature_extractor: random` to "
+            f"log `fd_random` instead of FID.")
 
 
 def find_inception_weights(eval_cfg: EvalConfig) -> tuple[Path | None, str]:
@@ -252,16 +261,17 @@ class RandomConvFeatures(nn.Module):
 
 @dataclass(frozen=True)
 class Extractor:
-    metric_name: str
-    identity: str  # what the cached reference statistics depend on
+    metric_name: str  # the Fréchet distance on these features
+    kernel_name: str  # the kernel distance (KID) on these features
+    identity: str  # what the cached reference features depend on
     build: Callable[[FeatureSpec], nn.Module]
 
 
 RANDOM_SEED = 0
 FEATURE_EXTRACTORS: dict[str, Extractor] = {
-    "inception": Extractor("fid", "inception-v3-compat/pt_inception-2015-12-05/pool3",
+    "inception": Extractor("fid", "kid", "inception-v3-compat/pt_inception-2015-12-05/pool3",
                            lambda spec: InceptionFeatures(spec.weights_path)),
-    "random": Extractor("fd_random", f"random-conv-v1/seed{RANDOM_SEED}",
+    "random": Extractor("fd_random", "kd_random", f"random-conv-v1/seed{RANDOM_SEED}",
                         lambda spec: RandomConvFeatures(seed=RANDOM_SEED)),
 }
 
@@ -303,9 +313,9 @@ def resolve_feature_extractor(eval_cfg: EvalConfig) -> FeatureSpec:
     if _WARNED:  # once per process: validation and training both resolve
         return spec
     _WARNED.append(True)
-    logger.warning("FID unavailable: no Inception weights in `eval.fid_weights`, $%s or %s. "
-                   "Logging `fd_random` (%s), not `fid`. %s", WEIGHTS_ENV, hub_cache_weights(),
-                   spec.description, how_to_get_weights())
+    # One sentence, once per process (the driver resolves for every trial).
+    logger.warning("FID unavailable (no Inception weights found): logging `fd_random` on random "
+                   "features instead; `stain-search weights fetch` gets the weights")
     return spec
 
 
@@ -321,17 +331,22 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "stain-search"
 
 
-def _safe_key(key: str) -> str:
-    """A file-name-safe dataset key; the hash keeps distinct keys distinct after cleaning."""
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_")[:80]
-    return f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+def reference_key(images: Iterable[torch.Tensor], identity: str) -> str:
+    """Hash of the reference crops' 8-bit pixels (and shapes) and the extractor's identity."""
+    h = hashlib.sha256(identity.encode())
+    for batch in images:  # (B, 3, H, W) in [0, 1]
+        u8 = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        for crop in u8.numpy():  # per crop, so how the crops are batched leaves the key alone
+            h.update(str(crop.shape).encode())
+            h.update(crop.tobytes())
+    return h.hexdigest()
 
 
 class FrechetDistance:
     """Accumulates features of generated (and optionally real) images; ``compute()`` → FD.
 
-    Reference statistics of the real images come either from ``update(...,
-    real=True)`` or, cached per dataset, from ``reference_stats``.
+    Reference features of the real images come either from ``update(...,
+    real=True)`` or, cached by content, from ``reference_stats``.
     """
 
     def __init__(self, spec: FeatureSpec, *, device: torch.device | str = "cpu",
@@ -341,12 +356,18 @@ class FrechetDistance:
         self.extractor = extractor if extractor is not None else build_feature_extractor(spec, self.device)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.reference: FrechetStats | None = None
+        self.reference_features: np.ndarray | None = None  # (N, D), for the kernel distance
+        self.reference_key: str | None = None
         self._fake: list[np.ndarray] = []
         self._real: list[np.ndarray] = []
 
     @property
     def metric_name(self) -> str:
         return self.spec.metric_name
+
+    @property
+    def identity(self) -> str:
+        return _extractor(self.spec.name).identity
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
@@ -360,6 +381,20 @@ class FrechetDistance:
         """Forget accumulated features; cached reference statistics stay."""
         self._fake, self._real = [], []
 
+    def fake_features(self) -> np.ndarray:
+        if not self._fake:
+            raise ValueError("FrechetDistance: no generated images yet (update(real=False))")
+        return np.concatenate(self._fake)
+
+    def real_features(self) -> np.ndarray:
+        """Features of the real images: those updated with real=True, else the reference's."""
+        if self._real:
+            return np.concatenate(self._real)
+        if self.reference_features is not None:
+            return self.reference_features
+        raise ValueError("FrechetDistance has no real-image statistics: call "
+                         "update(images, real=True) or reference_stats(...) first")
+
     def compute(self) -> float:
         if not self._fake:
             raise ValueError("FrechetDistance.compute() before any update(real=False)")
@@ -372,55 +407,47 @@ class FrechetDistance:
                              "update(images, real=True) or reference_stats(...) first")
         return frechet_distance_to_samples(np.concatenate(self._fake), real.mu, real.sigma)
 
-    def stats_path(self, dataset_key: str) -> Path:
-        return self.cache_dir / "fid_stats" / f"{self.metric_name}-{_safe_key(dataset_key)}.npz"
+    def stats_path(self, key: str) -> Path:
+        return self.cache_dir / "fid_stats" / f"{self.metric_name}-{key[:32]}.npz"
 
-    def reference_stats(self, dataset_key: str, images_iter: Iterable[torch.Tensor]) -> FrechetStats:
-        """Real-image statistics for ``dataset_key``, from the disk cache or computed once.
+    def reference_stats(self, images: Sequence[torch.Tensor]) -> FrechetStats:
+        """Real-image statistics of these (B, 3, H, W) batches in [0, 1], cached by content.
 
-        ``images_iter`` yields (B, 3, H, W) tensors in [0, 1] and is consumed
-        only on a cache miss. The key must identify the exact image set (the
-        dataset, evaluation crop and image count): the cache trusts it.
+        The images are hashed on every call (cheap); features are extracted
+        only when no cached file has the same pixels and extractor.
         """
-        identity = _extractor(self.spec.name).identity
-        path = self.stats_path(dataset_key)
-        stats = self._load(path, identity)
-        if stats is None:
-            feats = [self.features(images) for images in images_iter]
-            stats = FrechetStats.from_features(np.concatenate(feats) if feats else np.zeros((0, 0)))
-            self._save(path, stats, identity=identity, dataset_key=dataset_key)
-        self.reference = stats
+        key = reference_key(images, self.identity)
+        path = self.stats_path(key)
+        features = self._load(path, key)
+        if features is None:
+            feats = [self.features(batch) for batch in images]
+            features = np.concatenate(feats) if feats else np.zeros((0, 0))
+            stats = FrechetStats.from_features(features)  # checks N ≥ 2 before caching
+            self._save(path, features, key=key)
+        else:
+            stats = FrechetStats.from_features(features)
+        self.reference, self.reference_features, self.reference_key = stats, features, key
         return stats
 
     @staticmethod
-    def _load(path: Path, identity: str) -> FrechetStats | None:
+    def _load(path: Path, key: str) -> np.ndarray | None:
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["identity"]) != identity:
-                    logger.warning("%s was computed with other features (%s, not %s): recomputing",
-                                   path, z["identity"], identity)
+                if str(z["key"]) != key:  # a 32-hex-digit prefix collision, or an old format
+                    logger.warning("%s holds other reference images: recomputing", path)
                     return None
-                return FrechetStats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]))
+                return np.asarray(z["features"], np.float64)
         except (OSError, KeyError, ValueError) as err:
             logger.warning("unreadable reference statistics %s (%s): recomputing", path, err)
             return None
 
     @staticmethod
-    def _save(path: Path, stats: FrechetStats, *, identity: str, dataset_key: str) -> None:
+    def _save(path: Path, features: np.ndarray, *, key: str) -> None:
         """Write atomically: concurrent trials on one dataset may race to the same file."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+            with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+                np.savez(fh, features=features, key=key)
         except OSError as err:  # a read-only cache costs time, not correctness
             logger.warning("could not cache reference statistics at %s: %s", path, err)
-            return
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, mu=stats.mu, sigma=stats.sigma, n=stats.n, identity=identity,
-                         dataset_key=dataset_key)
-            os.replace(tmp, path)
-        except OSError as err:
-            logger.warning("could not cache reference statistics at %s: %s", path, err)
-            Path(tmp).unlink(missing_ok=True)
