@@ -11,6 +11,7 @@ reader picks, never a half checkpoint under a real name.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -38,8 +39,13 @@ def checkpoint_name(epoch: int) -> str:
 def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path:
     """Write state + meta into ``folder`` (created; must not exist yet)."""
     folder = Path(folder)
+    # Serialised in memory, then written as plain bytes: torch's zip writer turns
+    # a full disk into a RuntimeError ("unexpected pos"), a file write into the
+    # OSError (ENOSPC, EDQUOT) that tells a search to stop and say why.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_dir(folder) as tmp:  # re-written after a resume: replaced, never merged
-        torch.save(state, tmp / STATE_FILE)
+        (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
     return folder
 

@@ -10,13 +10,14 @@ place where results leave the loop (a local folder here, ``ray.train.report``
 Every source of randomness is re-seeded from (seed, epoch, rank) at the
 start of each epoch, and the image pools carry their own generators in the
 checkpoint, so a run resumed from epoch k's checkpoint continues exactly as
-the uninterrupted run would have.
+the uninterrupted run would have. The training DataLoader is built once per
+run (:mod:`stain_search.data.loader`): its workers, and the decoded images
+they cache, live across epochs, and its sampler alone decides each crop.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import tempfile
@@ -27,16 +28,19 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from stain_search.checkpoint import (checkpoint_name, latest_checkpoint, read_checkpoint,
-                                     store_checkpoint, write_checkpoint)
+from stain_search.atomic import atomic_path
+from stain_search.checkpoint import (checkpoint_name, latest_checkpoint, prune_checkpoints,
+                                     read_checkpoint, store_checkpoint, write_checkpoint)
 from stain_search.config import Config
-from stain_search.data import EvalDataset, UnpairedDataset, check_files, resolve_dataset, write_image
+from stain_search.data import UnpairedDataset, check_files, resolve_dataset, write_image
+from stain_search.data.eval_crops import crop_count, eval_crops
+from stain_search.data.loader import build_train_loader, epoch_seed
+from stain_search.distributed import mean_over_workers, world
 from stain_search.evaluate import Evaluator, sample_grid
 from stain_search.errors import ConfigError
-from stain_search.gan import LOSS_NAMES, Batch, CycleGAN, world
+from stain_search.gan import LOSS_NAMES, Batch, CycleGAN
 from stain_search.optim import linear_decay
 
 Log = Callable[[str], None]
@@ -45,8 +49,9 @@ Log = Callable[[str], None]
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], *, checkpoint: Path | None,
                grid: np.ndarray | None) -> None:
-        """Receive one epoch's results. ``checkpoint`` is a temporary folder
-        that is deleted after this call: copy or move it to keep it."""
+        """Receive one epoch's results. ``checkpoint`` is the epoch's folder: in
+        the reporter's ``checkpoint_root`` if it has that attribute (written
+        there directly, kept), else a temporary folder deleted after this call."""
 
 
 def resolve_device(preference: str) -> torch.device:
@@ -65,57 +70,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % 2**31
-
-
 @dataclass
 class DataBundle:
     train: UnpairedDataset
-    eval_batches: list[dict[str, torch.Tensor]]
-    reference_batches: list[torch.Tensor]  # real stain images (FD reference)
-    dataset_key: str
+    eval_batches: list[dict[str, torch.Tensor]]  # {"A": H&E, "B": aligned target if paired}
+    reference_batches: list[torch.Tensor]  # real-stain crops (FD/KD reference, stain areas)
+    dataset_key: str  # a label for logs; the reference cache keys on the crops' pixels
     has_pairs: bool
     stain: str | None
+    eval_crops: int  # crops evaluated (data.eval_crops, or fewer if the tissue holds fewer)
 
 
-def build_data(config: Config) -> DataBundle:
-    """Resolve the dataset, check every file up front, build train/eval sets."""
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(x.split(size))
+
+
+def build_data(config: Config, *, device: torch.device | None = None) -> DataBundle:
+    """Resolve the dataset, check every file up front, build train/eval sets.
+
+    ``device`` sizes the default evaluation set (``data.eval_crops: null``).
+    """
     d = config.data
     files = resolve_dataset(d.path, d.layout)
     check_files(files.train_a + files.train_b, d.crop, load_size=d.load_size)
     eval_crop = d.eval_crop or d.crop
-    pairs = files.pairs[: d.eval_images] if files.pairs else None
-    eval_inputs = [a for a, _ in pairs] if pairs else files.test_a[: d.eval_images]
-    reference = [b for _, b in pairs] if pairs else files.test_b[: d.eval_images]
-    check_files(eval_inputs + reference, eval_crop, load_size=d.load_size)
+    check_files([p for pair in files.pairs for p in pair] or files.test_a + files.test_b,
+                eval_crop, load_size=d.load_size)
     train = UnpairedDataset(files.train_a, files.train_b, crop=d.crop, load_size=d.load_size,
                             flip=d.flip, rot90=d.rot90, max_images=d.max_images,
-                            seed=config.train.seed)
-    eval_set = EvalDataset(eval_inputs, pairs=pairs, crop=eval_crop, load_size=d.load_size)
-    eval_batches = list(DataLoader(eval_set, batch_size=config.eval.batch_size, shuffle=False,
-                                   num_workers=0))
-    ref_set = EvalDataset(reference, crop=eval_crop, load_size=d.load_size)
-    reference_batches = [b["A"] for b in DataLoader(ref_set, batch_size=config.eval.batch_size,
-                                                    shuffle=False, num_workers=0)]
+                            seed=config.train.seed, hed_jitter=d.hed_jitter)
+    n = crop_count(d.eval_crops, device or resolve_device(config.train.device))
+    crops = eval_crops(crop=eval_crop, n=n, load_size=d.load_size, pairs=files.pairs or None,
+                       test_a=files.test_a, test_b=files.test_b)
+    size = config.eval.batch_size
+    inputs = _batches(crops.inputs, size)
+    targets = _batches(crops.targets, size) if crops.targets is not None else None
+    eval_batches = [{"A": a, "B": b} for a, b in zip(inputs, targets)] if targets \
+        else [{"A": a} for a in inputs]
+    stain = files.stain if config.eval.stain == "auto" else config.eval.stain
     return DataBundle(train=train, eval_batches=eval_batches,
-                      reference_batches=reference_batches,
-                      dataset_key=f"{files.key}-{eval_crop}-{len(reference)}",
-                      has_pairs=bool(pairs), stain=files.stain)
-
-
-def epoch_loader(data: DataBundle, config: Config, *, epoch: int, steps: int) -> DataLoader:
-    """This rank's shard of a fresh permutation, seeded by (seed, epoch)."""
-    rank, size = world()
-    g = torch.Generator().manual_seed(epoch_seed(config.train.seed, epoch, 0))
-    order = torch.randperm(len(data.train), generator=g).tolist()
-    need = steps * config.data.batch_size * size
-    order = (order * math.ceil(need / len(order)))[:need]  # wrap when steps are capped high
-    shard = order[rank::size]
-    return DataLoader(data.train, batch_size=config.data.batch_size, sampler=shard,
-                      num_workers=config.data.num_workers, drop_last=True,
-                      generator=torch.Generator().manual_seed(epoch_seed(config.train.seed, epoch, rank)),
-                      persistent_workers=False)
+                      reference_batches=_batches(crops.reference, size),
+                      dataset_key=f"{files.key}-{eval_crop}-{crops.n}crops",
+                      has_pairs=crops.targets is not None, stain=stain, eval_crops=crops.n)
 
 
 def steps_per_epoch(data: DataBundle, config: Config, *, extragradient: bool = False) -> int:
@@ -124,16 +120,6 @@ def steps_per_epoch(data: DataBundle, config: Config, *, extragradient: bool = F
     # Extragradient pairs a look-ahead with an update: an even count ends each
     # epoch on a real update, so evaluation never sees look-ahead weights.
     return steps + steps % 2 if extragradient else steps
-
-
-def mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    _, size = world()
-    if size == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / size for k, v in zip(keys, t.tolist())}
 
 
 def train_epoch(model: CycleGAN, loader: DataLoader) -> tuple[dict[str, float], int]:
@@ -155,7 +141,7 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
     t, ev = config.train, config.eval
     rank, size = world()
     device = device or resolve_device(t.device)
-    data = build_data(config)
+    data = build_data(config, device=device)
     model = CycleGAN(config, device=device, seed=t.seed)
     start_epoch = 0
     if resume is not None:
@@ -171,6 +157,8 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
         evaluator.prepare_reference(data.reference_batches)
         log(f"evaluation: {evaluator.describe()}")
     steps = steps_per_epoch(data, config, extragradient=model.extragradient)
+    loader = build_train_loader(data.train, config.data, samples=steps * config.data.batch_size * size,
+                                seed=t.seed, rank=rank, world=size, device=device)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t.epochs):
         seed_everything(epoch_seed(t.seed, epoch, rank))
@@ -180,7 +168,8 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
                 group["lr"] = base * schedule(epoch)
         model.train()
         t0 = time.perf_counter()
-        losses, images = train_epoch(model, epoch_loader(data, config, epoch=epoch, steps=steps))
+        loader.sampler.set_epoch(epoch)
+        losses, images = train_epoch(model, loader)
         train_s = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, **mean_over_workers(losses, device),
                    "lr_g": model.opt_g.param_groups[0]["lr"],
@@ -192,11 +181,14 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
             metrics.update(evaluator.evaluate(model.G, model.F, data.eval_batches))
             grid = sample_grid(model.G, model.F, data.eval_batches[0], rows=t.sample_images)
             metrics["time_eval_s"] = time.perf_counter() - t1
+        # A reporter that keeps checkpoints in a folder of its own gets them
+        # written there, once (atomically); otherwise into a temporary folder.
+        root = getattr(reporter, "checkpoint_root", None)
         with tempfile.TemporaryDirectory(prefix="stain-search-ckpt-") as tmp:
             folder = None
             if rank == 0 and ((epoch + 1) % t.checkpoint_every == 0 or last):
                 t2 = time.perf_counter()
-                folder = write_checkpoint(Path(tmp) / checkpoint_name(epoch + 1),
+                folder = write_checkpoint(Path(root or tmp) / checkpoint_name(epoch + 1),
                                           state=model.state_dict_full(),
                                           meta={"epoch": epoch + 1, "metrics": metrics,
                                                 "config": config.to_dict()})
@@ -211,34 +203,94 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
 def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
     shown = [f"epoch {metrics['epoch']}/{epochs}"]
     for key in ("loss_G", "loss_F", "loss_D_X", "loss_D_Y", "loss_cycle", "fid", "fd_random",
-                "ssim_structure", "ssim_gt", "psnr_gt", "ki67_f1"):
+                "kid", "kd_random", "ssim_structure", "ssim_gt", "psnr_gt", "ki67_f1",
+                "stain_area_error", "stain_od_r"):
         if key in metrics:
             shown.append(f"{key} {metrics[key]:.4g}")
     shown.append(f"{metrics['images_per_s']:.2f} img/s")
     return "  ".join(shown)
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Which full checkpoints a local run keeps: the ``keep`` best by
+    ``metric`` (``mode``: min/max) plus the newest, which a resume needs;
+    ``keep=None`` keeps every one."""
+
+    keep: int | None = None
+    metric: str = "fd_random"
+    mode: str = "min"
+
+
+def retention_for(config: Config) -> Retention:
+    """``train.keep_checkpoints`` / ``train.keep_metric`` resolved and checked
+    (the metric must be one that this run's evaluation reports)."""
+    from stain_search.evaluate import metric_directions
+    from stain_search.spaces import frechet_metric_name, reported_metrics, why_not_reported
+
+    t = config.train
+    if t.keep_checkpoints is None:
+        return Retention()
+    directions = metric_directions()
+    metric = frechet_metric_name(config) if t.keep_metric == "frechet" else t.keep_metric
+    if metric not in directions:
+        raise ConfigError(f"`train.keep_metric`: {metric!r} is not an evaluation metric "
+                          f"(known: frechet, {', '.join(sorted(directions))})")
+    if metric not in reported_metrics(config):
+        raise ConfigError(f"`train.keep_metric`: no epoch reports {metric!r} on "
+                          f"{config.data.path}: {why_not_reported(metric)}")
+    return Retention(keep=t.keep_checkpoints, metric=metric, mode=directions[metric])
+
+
 class LocalReporter:
     """`stain-search train`'s reporter: a results folder a person can read.
 
         OUT/metrics.jsonl            one JSON line per epoch
-        OUT/checkpoints/checkpoint_epoch_XXXX/
+        OUT/checkpoints/checkpoint_epoch_XXXX/   as ``retention`` keeps them
+        OUT/generators/G_epoch_XXXX.safetensors  with ``generator_snapshots``
         OUT/samples/epoch_XXXX.png   input | G(x) | F(G(x)) | target
+
+    Retention prunes only after the new checkpoint and its metrics line are
+    in place, and never the newest checkpoint: a run stopped at any moment
+    resumes from the last epoch it finished.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, *, retention: Retention = Retention(),
+                 generator_snapshots: bool = False):
         self.out = Path(out)
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.retention = retention
+        self.generator_snapshots = generator_snapshots
+        # run_training writes checkpoints here directly (atomically): at the
+        # reference widths a copy would move another 1.3 GB per epoch.
+        self.checkpoint_root = self.out / "checkpoints"
+        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
 
     def report(self, metrics, *, checkpoint, grid):
         epoch = int(metrics["epoch"])
         if grid is not None:
             write_image(self.out / "samples" / f"epoch_{epoch:04d}.png", grid)
         if checkpoint is not None:
-            store_checkpoint(checkpoint, self.out / "checkpoints")  # atomic
-        # Metrics last: a line in metrics.jsonl means its checkpoint is in place.
+            if Path(checkpoint).parent != self.checkpoint_root:
+                store_checkpoint(checkpoint, self.checkpoint_root)  # atomic
+            if self.generator_snapshots and grid is not None:  # an evaluated epoch
+                self._snapshot_generator(checkpoint, epoch, metrics)
+        # Metrics after the checkpoint: a line in metrics.jsonl means its
+        # checkpoint was in place (retention may have pruned it since).
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
+        if checkpoint is not None and self.retention.keep is not None:
+            prune_checkpoints(self.out / "checkpoints", keep=self.retention.keep,
+                              metric=self.retention.metric, mode=self.retention.mode)
+
+    def _snapshot_generator(self, checkpoint: Path, epoch: int, metrics: dict) -> None:
+        """G alone (no F, no discriminators, no optimiser state), safetensors."""
+        from safetensors.torch import save_file
+
+        state, _ = read_checkpoint(checkpoint)
+        tensors = {k: v.contiguous() for k, v in state["G"].items()}
+        meta = {k: str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        with atomic_path(self.out / "generators" / f"G_epoch_{epoch:04d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.out / "checkpoints")

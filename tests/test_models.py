@@ -15,9 +15,9 @@ from torch.nn.utils import parametrize
 from stain_search.config import ModelConfig
 from stain_search.errors import ConfigError
 from stain_search.models import (ATTENTION, DISCRIMINATORS, GENERATORS, INITS, NORMS,
-                                 AttentionGate, SelfAttention2d, UNetGenerator, VGGDiscriminator,
-                                 build_discriminator, build_generator, count_parameters,
-                                 init_weights)
+                                 UPSAMPLERS, AttentionGate, SelfAttention2d, UNetGenerator,
+                                 VGGDiscriminator, build_discriminator, build_generator,
+                                 count_parameters, init_weights)
 
 TINY = dict(ngf=8, ndf=8, depth=4, d_blocks=2)
 
@@ -45,8 +45,10 @@ def assert_every_parameter_learns(net: nn.Module) -> None:
 @pytest.mark.parametrize("generator", sorted(GENERATORS))
 @pytest.mark.parametrize("attention", sorted(ATTENTION))
 @pytest.mark.parametrize("norm", sorted(NORMS))
-def test_generator_contract(generator, attention, norm):
-    cfg = ModelConfig(generator=generator, attention=attention, norm=norm, dropout=True, **TINY)
+@pytest.mark.parametrize("upsample", sorted(UPSAMPLERS))
+def test_generator_contract(generator, attention, norm, upsample):
+    cfg = ModelConfig(generator=generator, attention=attention, norm=norm, dropout=True,
+                      upsample=upsample, **TINY)
     net = init_weights(build_generator(cfg)).train()
     open_self_attention(net)
     x = torch.rand(2, 3, 32, 48) * 2 - 1  # non-square: H and W are handled apart
@@ -93,6 +95,45 @@ def test_self_attention_refuses_a_1x1_bottleneck(attention):
     # Without self-attention a 1x1 bottleneck is the reference's unet_256 at 256 px.
     plain = build_generator(ModelConfig(attention="gates", **TINY))
     assert plain(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("upsample", sorted(UPSAMPLERS))
+def test_every_upsampling_trains(upsample):
+    from stain_search.config import load_config
+    from stain_search.train import run_training
+
+    from conftest import TINY_BASE
+
+    config = load_config(None, {**TINY_BASE, "train.epochs": 1, "train.steps_per_epoch": 2,
+                                "model.upsample": upsample})
+    seen = []
+    metrics = run_training(config, reporter=type("Keep", (), {
+        "report": lambda self, m, *, checkpoint, grid: seen.append(checkpoint is not None)})(),
+        log=lambda m: None)
+    assert seen == [True]
+    assert all(math.isfinite(metrics[k]) and metrics[k] > 0
+               for k in ("loss_G", "loss_F", "loss_cycle", "loss_D_X", "loss_D_Y"))
+
+
+def test_resize_upsampling_leaves_no_checkerboard():
+    # A constant feature map: bilinear x2 keeps it constant, so a 3x3 conv
+    # gives one value inside the image; a stride-2 4x4 transposed conv gives
+    # even and odd pixels different sums of its weights (Odena et al., 2016).
+    resize = build_generator(ModelConfig(upsample="resize", **TINY)).up[1][1]
+    transpose = build_generator(ModelConfig(upsample="transpose", **TINY)).up[1][1]
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in resize.modules())
+    assert isinstance(transpose, nn.ConvTranspose2d)
+    x = torch.ones(1, resize[1].in_channels, 8, 8)
+    with torch.no_grad():
+        smooth, checkered = resize(x)[..., 2:-2, 2:-2], transpose(x)[..., 2:-2, 2:-2]
+    assert smooth.shape == checkered.shape == (1, resize[1].out_channels, 12, 12)
+    assert torch.allclose(smooth, smooth[..., :1, :1].expand_as(smooth), atol=1e-5)
+    assert (checkered[..., 0::2, 0::2] - checkered[..., 1::2, 1::2]).abs().max() > 1e-3
+
+
+def test_unknown_upsampling_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="model.upsample.*known: resize, transpose"):
+        UNetGenerator(upsample="pixelshuffle", ngf=4, depth=2)
 
 
 @pytest.mark.parametrize("ngf, depth", [(4, 1), (8, 3), (6, 6)])

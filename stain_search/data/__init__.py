@@ -6,6 +6,10 @@
 - :mod:`~stain_search.data.folders` — dataset layouts (cyclegan, bci, mist, pair).
 - :mod:`~stain_search.data.datasets` — PyTorch datasets for training and evaluation.
 - :mod:`~stain_search.data.prepare` — cut large images into a tiled dataset.
+- :mod:`~stain_search.data.slides` — whole slides (OpenSlide, tifffile, Pillow) read region
+  by region, with levels and µm/px; :mod:`~stain_search.data.resolution` — level and
+  resampling to a µm/px.
+- :mod:`~stain_search.data.augment` — HED colour jitter of H&E crops (``data.hed_jitter``).
 """
 
 from stain_search.data.datasets import (EvalDataset, UnpairedDataset, check_files, to_image,

@@ -3,14 +3,23 @@
 Training follows the CycleGAN reference's ``unaligned_dataset.py`` (Zhu et
 al., 2017): item ``i`` is A image ``i`` with a B image drawn at random, and
 an epoch is as long as the larger domain. Augmentation is a random crop,
-flips and — because tissue has no "up" — 90° rotations. Each item draws
-one number from torch's generator and seeds its own NumPy generator with
-(seed, index, that number): torch is what the trainer seeds every epoch and
-what PyTorch seeds in each DataLoader worker, so runs repeat exactly and
-workers never share a random stream (the classic NumPy-in-workers bug).
+flips and — because tissue has no "up" — 90° rotations. Each item gets one
+random number and seeds its own NumPy generator with (seed, index, that
+number), so workers never share a random stream (the classic
+NumPy-in-workers bug). The training loader's sampler
+(:mod:`stain_search.data.loader`) hands each item its number with its index,
+so an item's crop depends on (seed, epoch, position) only — never on how
+many workers there are; indexed by a bare int, an item draws the number from
+torch's generator instead.
 
-Evaluation takes a fixed centre crop of each test image, with its paired
-target where one exists.
+Each process decodes a source image once: :class:`DecodedImages` keeps the
+decoded (and resized) images, least recently used out first, within a byte
+budget. A 1024² JPEG costs tens of milliseconds to decode and its crop well
+under one, so without it the loader, not the model, sets the pace.
+
+``EvalDataset`` takes a fixed centre crop of each test image, with its paired
+target where one exists (sample figures); the per-epoch evaluation set is
+tiled from every test image by :mod:`stain_search.data.eval_crops`.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import cachetools
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from stain_search.data.augment import hed_jitter
 from stain_search.data.io import image_size, read_image, read_mask
 from stain_search.errors import DataError
 
@@ -104,6 +115,57 @@ def _load(path: Path, crop: int, load_size: int | None) -> np.ndarray:
     return image
 
 
+def decoded_bytes(size: tuple[int, int], load_size: int | None) -> int:
+    """Bytes of an (H, W) image once decoded to RGB uint8 (and resized)."""
+    h, w = _size_after_load(size, load_size)
+    return h * w * 3
+
+
+class DecodedImages:
+    """Decoded training images of one process, LRU by bytes.
+
+    ``max_bytes`` 0 keeps nothing: every call decodes (the behaviour before
+    the cache). Pickling (a spawned DataLoader worker) carries the budget,
+    not the images: each worker fills its own.
+    """
+
+    def __init__(self, max_bytes: int = 0) -> None:
+        self.max_bytes = int(max_bytes)
+        self._images: cachetools.LRUCache | None = (
+            cachetools.LRUCache(maxsize=self.max_bytes, getsizeof=lambda a: a.nbytes)
+            if self.max_bytes > 0 else None)
+        self.hits = self.misses = 0
+
+    def __getstate__(self) -> dict:
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])
+
+    def __len__(self) -> int:
+        return 0 if self._images is None else len(self._images)
+
+    @property
+    def bytes(self) -> int:
+        return 0 if self._images is None else int(self._images.currsize)
+
+    def load(self, path: Path, crop: int, load_size: int | None) -> np.ndarray:
+        """The decoded image at ``path`` (read-only: crops are views of it)."""
+        if self._images is None:
+            return _load(path, crop, load_size)
+        key = (str(path), load_size)
+        image = self._images.get(key)
+        if image is not None:
+            self.hits += 1
+            return image
+        self.misses += 1
+        image = _load(path, crop, load_size)
+        image.setflags(write=False)
+        if image.nbytes <= self.max_bytes:  # larger than the whole budget: not kept
+            self._images[key] = image
+        return image
+
+
 def _cap(files: Sequence[str | Path], max_images: int | None) -> list[Path]:
     return [Path(p) for p in files][:max_images]
 
@@ -111,12 +173,15 @@ def _cap(files: Sequence[str | Path], max_images: int | None) -> list[Path]:
 class UnpairedDataset(Dataset):
     """Items {"A": (3, crop, crop), "B": (3, crop, crop)} in [-1, 1], unaligned.
 
-    ``max_images`` keeps the first N files (sorted order) of each domain.
+    ``max_images`` keeps the first N files (sorted order) of each domain;
+    ``cache_bytes`` is this process's :class:`DecodedImages` budget (0: decode
+    every item, as the reference does). Index with ``i`` or ``(i, number)``.
     """
 
     def __init__(self, files_a: Sequence[str | Path], files_b: Sequence[str | Path], *,
                  crop: int, load_size: int | None = None, flip: bool = True,
-                 rot90: bool = True, max_images: int | None = None, seed: int = 0) -> None:
+                 rot90: bool = True, max_images: int | None = None, seed: int = 0,
+                 cache_bytes: int = 0, hed_jitter: float = 0.0) -> None:
         self.files_a = _cap(files_a, max_images)
         self.files_b = _cap(files_b, max_images)
         if not self.files_a or not self.files_b:
@@ -124,7 +189,17 @@ class UnpairedDataset(Dataset):
             raise DataError(f"no training images in domain {empty}")
         self.crop, self.load_size = crop, load_size
         self.flip, self.rot90 = flip, rot90
-        self.seed = seed
+        self.seed, self.hed_jitter = seed, hed_jitter  # data.hed_jitter (data.augment)
+        self.images = DecodedImages(cache_bytes)
+
+    def set_cache(self, max_bytes: int) -> None:
+        """Give each process that reads items a cache of ``max_bytes`` (emptied)."""
+        self.images = DecodedImages(max_bytes)
+
+    def decoded_bytes(self) -> int:
+        """What caching every training image would take (from the headers)."""
+        unique = {*self.files_a, *self.files_b}
+        return sum(decoded_bytes(image_size(p), self.load_size) for p in unique)
 
     def __len__(self) -> int:
         return max(len(self.files_a), len(self.files_b))
@@ -141,13 +216,17 @@ class UnpairedDataset(Dataset):
             image = np.rot90(image, int(rng.integers(0, 4)))
         return image
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        draw = int(torch.randint(0, 2**62, (1,)).item())
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        if isinstance(key, tuple):
+            index, draw = map(int, key)
+        else:
+            index, draw = int(key), int(torch.randint(0, 2**62, (1,)).item())
         rng = np.random.default_rng([self.seed, index, draw])
         path_a = self.files_a[index % len(self.files_a)]
         path_b = self.files_b[int(rng.integers(len(self.files_b)))]
-        a = self._augment(_load(path_a, self.crop, self.load_size), rng)
-        b = self._augment(_load(path_b, self.crop, self.load_size), rng)
+        a = self._augment(self.images.load(path_a, self.crop, self.load_size), rng)
+        b = self._augment(self.images.load(path_b, self.crop, self.load_size), rng)
+        a = hed_jitter(a, self.hed_jitter, rng)  # H&E only; draws nothing when off
         return {"A": to_tensor(a), "B": to_tensor(b),
                 "A_path": str(path_a), "B_path": str(path_b)}
 

@@ -13,7 +13,9 @@ train and a test split. Public datasets arrive in a few layouts:
 
 ``auto`` recognises the layout from the sub-folders; test images of A and
 B with the same file stem are pairs (a ground truth for SSIM/PSNR).
-``builtin:<name>`` resolves to the generated phantom
+A folder written by ``stain-search data prepare`` (or its
+``manifest.parquet``) is read through the manifest
+(:mod:`stain_search.data.manifest`). ``builtin:<name>`` resolves to the generated phantom
 (:mod:`stain_search.data.phantom`).
 """
 
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from stain_search.data.io import IMAGE_EXTENSIONS, is_image_file
+from stain_search.data.manifest import manifest_file, read_manifest
 from stain_search.data.phantom import builtin_dataset
+from stain_search.data.slides import SLIDE_EXTENSIONS
 from stain_search.errors import ConfigError, DataError
 
 SPLITS = ("train_a", "train_b", "test_a", "test_b")
@@ -45,27 +49,34 @@ class DatasetFiles:
     pairs: list[tuple[Path, Path]]  # (test A, test B) with the same stem
     key: str  # fingerprint of the file list, sizes and mtimes (caches FID reference stats)
     masks: dict[str, Path] = field(default_factory=dict)  # test stem → positive-nucleus mask
-    stain: str | None = None  # target stain where known: "ki67", "her2" or "trichrome"
+    stain: str | None = None  # target stain where known: "ki67", "her2", "ihc" or "trichrome"
 
 
 # --- listing --------------------------------------------------------------------
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (not recursive), sorted by name."""
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+def list_images(folder: Path, *, slides: bool = False) -> list[Path]:
+    """Image files directly in ``folder`` (not recursive), sorted by name;
+    ``slides``: whole-slide files too (.svs, .ndpi, .mrxs, ...: `data prepare`
+    tiles them, training reads only tiles)."""
+    return sorted(p for p in folder.iterdir() if is_image_file(p) or (
+        slides and p.is_file() and not p.name.startswith(".")
+        and p.suffix.lower() in SLIDE_EXTENSIONS))
 
 
-def _images(folder: Path, *, layout: str, expected: str) -> list[Path]:
+def _images(folder: Path, *, layout: str, expected: str, slides: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: missing folder for the {layout} layout "
                         f"(expected {expected})")
-    images = list_images(folder)
+    images = list_images(folder, slides=slides)
     if not images:
         others = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         found = (f"it holds {len(others)} other entries, e.g. {', '.join(others[:3])}"
                  if others else "it is empty")
+        hint = ""
+        if not slides and any(Path(o).suffix.lower() in SLIDE_EXTENSIONS for o in others):
+            hint = "; whole slides are tiled into a dataset with `stain-search data prepare`"
         raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                        f"{found}. The {layout} layout expects {expected}")
+                        f"{found}. The {layout} layout expects {expected}{hint}")
     return images
 
 
@@ -90,31 +101,36 @@ def _subdir(root: Path, name: str) -> bool:
     return (root / name).is_dir()
 
 
-def _split_folders(layout: str, expected: str, folders: dict[str, Path]) -> dict[str, list[Path]]:
-    return {split: _images(folders[split], layout=layout, expected=expected) for split in SPLITS}
+def _split_folders(layout: str, expected: str, folders: dict[str, Path], *,
+                   slides: bool = False) -> dict[str, list[Path]]:
+    return {split: _images(folders[split], layout=layout, expected=expected, slides=slides)
+            for split in SPLITS}
 
 
-def _cyclegan(root: Path, test_fraction: float) -> dict[str, list[Path]]:
+def _cyclegan(root: Path, test_fraction: float, *, slides: bool = False
+              ) -> dict[str, list[Path]]:
     return _split_folders("cyclegan", LAYOUTS["cyclegan"].expected, {
         "train_a": root / "trainA", "train_b": root / "trainB",
-        "test_a": root / "testA", "test_b": root / "testB"})
+        "test_a": root / "testA", "test_b": root / "testB"}, slides=slides)
 
 
-def _bci(root: Path, test_fraction: float) -> dict[str, list[Path]]:
+def _bci(root: Path, test_fraction: float, *, slides: bool = False
+         ) -> dict[str, list[Path]]:
     return _split_folders("bci", LAYOUTS["bci"].expected, {
         "train_a": root / "HE" / "train", "train_b": root / "IHC" / "train",
-        "test_a": root / "HE" / "test", "test_b": root / "IHC" / "test"})
+        "test_a": root / "HE" / "test", "test_b": root / "IHC" / "test"}, slides=slides)
 
 
 def _mist_base(root: Path) -> Path:
     return root / "TrainValAB" if _subdir(root, "TrainValAB") else root
 
 
-def _mist(root: Path, test_fraction: float) -> dict[str, list[Path]]:
+def _mist(root: Path, test_fraction: float, *, slides: bool = False
+          ) -> dict[str, list[Path]]:
     base = _mist_base(root)
     return _split_folders("mist", LAYOUTS["mist"].expected, {
         "train_a": base / "trainA", "train_b": base / "trainB",
-        "test_a": base / "valA", "test_b": base / "valB"})
+        "test_a": base / "valA", "test_b": base / "valB"}, slides=slides)
 
 
 def pair_folders(root: Path) -> tuple[Path, Path] | None:
@@ -140,13 +156,13 @@ def split_by_name(stems: set[str], *, test_fraction: float, seed: int = 0) -> se
     return test
 
 
-def _pair(root: Path, test_fraction: float) -> dict[str, list[Path]]:
+def _pair(root: Path, test_fraction: float, *, slides: bool = False) -> dict[str, list[Path]]:
     expected = LAYOUTS["pair"].expected
     folders = pair_folders(root)
     if folders is None:
         raise DataError(f"{root}: missing folders for the pair layout (expected {expected})")
-    a = _images(folders[0], layout="pair", expected=expected)
-    b = _images(folders[1], layout="pair", expected=expected)
+    a = _images(folders[0], layout="pair", expected=expected, slides=slides)
+    b = _images(folders[1], layout="pair", expected=expected, slides=slides)
     test = split_by_name({p.stem for p in a + b}, test_fraction=test_fraction)
     files = {"train_a": [p for p in a if p.stem not in test],
              "train_b": [p for p in b if p.stem not in test],
@@ -167,7 +183,8 @@ def _pair(root: Path, test_fraction: float) -> dict[str, list[Path]]:
 class Layout:
     expected: str  # shown in error messages
     detect: Callable[[Path], bool]  # does this folder look like this layout?
-    collect: Callable[[Path, float], dict[str, list[Path]]]  # (root, test_fraction) → splits
+    # (root, test_fraction, *, slides) → splits; slides: list whole-slide files too
+    collect: Callable[..., dict[str, list[Path]]]
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -220,7 +237,10 @@ def _dataset_stain(root: Path, layout: str) -> str | None:
     if meta.is_file():
         return json.loads(meta.read_text()).get("stain")
     # BCI and MIST as shipped are HER2 IHC: DAB on membranes, not nuclei.
-    return "her2" if layout in ("bci", "mist") else None
+    if layout in ("bci", "mist"):
+        return "her2"
+    # A pair layout's IHC/ folder: DAB immunohistochemistry, marker unknown.
+    return "ihc" if layout == "pair" and _subdir(root, "IHC") else None
 
 
 def _masks(root: Path, test_b: list[Path]) -> dict[str, Path]:
@@ -231,8 +251,20 @@ def _masks(root: Path, test_b: list[Path]) -> dict[str, Path]:
     return {p.stem: p for p in list_images(folder) if p.stem in stems}
 
 
+def _from_manifest(path: Path) -> DatasetFiles:
+    splits, params = read_manifest(path)
+    root = path.parent
+    masks = _masks(root, splits["test_b"])
+    every = [p for split in SPLITS for p in splits[split]] + sorted(masks.values())
+    source = Path(params.get("source", root))
+    return DatasetFiles(root=root, layout="manifest", **splits,
+                        pairs=_pairs(splits["test_a"], splits["test_b"]),
+                        key=fingerprint(root, [path, *every]), masks=masks,
+                        stain=_dataset_stain(source, params.get("layout", "")))
+
+
 def resolve_dataset(path: str | Path, layout: str = "auto", *,
-                    test_fraction: float = 0.1) -> DatasetFiles:
+                    test_fraction: float = 0.1, slides: bool = False) -> DatasetFiles:
     """Find every image of the dataset at ``path`` (a folder or ``builtin:<name>``).
 
     ``test_fraction`` applies only to the ``pair`` layout, which has no split.
@@ -251,12 +283,16 @@ def resolve_dataset(path: str | Path, layout: str = "auto", *,
         if not root.exists():
             raise DataError(f"{root}: no such folder (`data.path`); give a dataset folder or "
                             f"one of builtin:phantom-trichrome, builtin:phantom-ki67")
+        # A `data prepare` output: its manifest, not the listing, says what is what.
+        manifest = manifest_file(root) if layout == "auto" or root.is_file() else None
+        if manifest is not None:
+            return _from_manifest(manifest)
         if not root.is_dir():
             raise DataError(f"{root}: not a folder (`data.path` names the dataset's folder, "
                             f"which holds e.g. {LAYOUTS['cyclegan'].expected})")
         if layout == "auto":
             layout = detect_layout(root)
-    splits = LAYOUTS[layout].collect(root, test_fraction)
+    splits = LAYOUTS[layout].collect(root, test_fraction, slides=slides)
     masks = _masks(root, splits["test_b"])
     every = [p for split in SPLITS for p in splits[split]] + sorted(masks.values())
     return DatasetFiles(root=root, layout=layout, **splits,

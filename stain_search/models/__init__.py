@@ -20,11 +20,11 @@ from stain_search.config import ModelConfig
 from stain_search.errors import ConfigError
 from stain_search.models.attention import AttentionGate, SelfAttention2d
 from stain_search.models.discriminators import VGGDiscriminator
-from stain_search.models.generators import ATTENTION, UNetGenerator
+from stain_search.models.generators import ATTENTION, UPSAMPLERS, UNetGenerator
 
 __all__ = ["ATTENTION", "DISCRIMINATORS", "GENERATORS", "INITS", "NORMS", "AttentionGate",
-           "SelfAttention2d", "UNetGenerator", "VGGDiscriminator", "build_discriminator",
-           "build_generator", "count_parameters", "init_weights"]
+           "SelfAttention2d", "UNetGenerator", "UPSAMPLERS", "VGGDiscriminator",
+           "build_discriminator", "build_generator", "count_parameters", "init_weights"]
 
 IMAGE_CHANNELS = 3  # RGB in, RGB out: H&E and the special stains alike
 
@@ -66,7 +66,7 @@ def build_generator(cfg: ModelConfig) -> nn.Module:
     return cls(IMAGE_CHANNELS, IMAGE_CHANNELS, ngf=cfg.ngf, depth=cfg.depth,
                norm_layer=lookup(NORMS, cfg.norm, key="model.norm"), dropout=cfg.dropout,
                attention=cfg.attention, attention_channels_ratio=cfg.attention_channels_ratio,
-               padding_mode=cfg.padding)
+               padding_mode=cfg.padding, upsample=cfg.upsample)
 
 
 def build_discriminator(cfg: ModelConfig) -> nn.Module:

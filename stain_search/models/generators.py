@@ -15,6 +15,14 @@ recursively nested blocks:
   decoder output from level i+1; the outermost level ends in Tanh, so images
   come out in [-1, 1].
 
+``upsample="resize"`` (``model.upsample``) replaces each ConvTranspose by a
+bilinear ×2 resize and a 3x3 conv (Odena et al., 2016, "Deconvolution and
+Checkerboard Artifacts"): a stride-2 transposed conv with a 4x4 kernel
+gives even and odd output pixels different sums of weights, the checkerboard
+that shows in translations of tissue; resizing first gives every output
+pixel the same kernel. Same widths, levels and output size; 9/16 of the
+transposed conv's weights per level. ``bench/checkerboard.py`` measures both.
+
 Depth 8 with ngf 64 is the reference ``unet_256`` layout. Two deliberate
 differences from the reference code:
 
@@ -66,6 +74,23 @@ ATTENTION: dict[str, tuple[bool, bool]] = {
 DROPOUT_LEVELS = 3  # pix2pix: dropout in the first 3 decoder layers
 
 
+def transpose_up(in_ch: int, out_ch: int, *, bias: bool, padding_mode: str) -> nn.Module:
+    """The reference's ConvTranspose 4x4 stride 2 (transposed convs pad with zeros only)."""
+    return nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=bias)
+
+
+def resize_up(in_ch: int, out_ch: int, *, bias: bool, padding_mode: str) -> nn.Module:
+    """Bilinear ×2, then a 3x3 conv: every output pixel sees the same kernel."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                         nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias,
+                                   padding_mode=padding_mode))
+
+
+# model.upsample → (in, out, *, bias, padding_mode) → a ×2 upsampling layer
+UPSAMPLERS: dict[str, Callable[..., nn.Module]] = {"transpose": transpose_up,
+                                                  "resize": resize_up}
+
+
 def level_width(ngf: int, level: int) -> int:
     """Channels of encoder level ``level``: doubling from ngf, capped at 8·ngf."""
     return ngf * min(2 ** level, 8)
@@ -83,11 +108,12 @@ def down_block(in_ch: int, out_ch: int, *, outermost: bool, innermost: bool,
 
 
 def up_block(in_ch: int, out_ch: int, *, outermost: bool, norm_layer: NormLayer | None,
-             dropout: bool) -> nn.Sequential:
+             dropout: bool, upsample: str = "transpose",
+             padding_mode: str = "reflect") -> nn.Sequential:
     normed = norm_layer is not None and not outermost
     layers: list[nn.Module] = [
         nn.ReLU(),
-        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=not normed),
+        UPSAMPLERS[upsample](in_ch, out_ch, bias=not normed, padding_mode=padding_mode),
     ]
     if outermost:
         layers.append(nn.Tanh())
@@ -103,17 +129,22 @@ class UNetGenerator(nn.Module):
     """U-Net with ``depth`` stride-2 levels; (B, in, H, W) → (B, out, H, W) in [-1, 1].
 
     H and W must be multiples of 2**depth. ``norm_layer`` builds the norm for
-    a channel count (None: no norm); ``attention`` is one of ``ATTENTION``.
+    a channel count (None: no norm); ``attention`` is one of ``ATTENTION``,
+    ``upsample`` one of ``UPSAMPLERS``.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, *, ngf: int = 64,
                  depth: int = 8, norm_layer: NormLayer | None = nn.InstanceNorm2d,
                  dropout: bool = False, attention: str = "none",
-                 attention_channels_ratio: float = 0.5, padding_mode: str = "reflect"):
+                 attention_channels_ratio: float = 0.5, padding_mode: str = "reflect",
+                 upsample: str = "transpose"):
         super().__init__()
         if attention not in ATTENTION:
             raise ConfigError(f"`model.attention`: unknown attention {attention!r}; "
                               f"known: {', '.join(sorted(ATTENTION))}")
+        if upsample not in UPSAMPLERS:
+            raise ConfigError(f"`model.upsample`: unknown upsampling {upsample!r}; "
+                              f"known: {', '.join(sorted(UPSAMPLERS))}")
         if not attention_channels_ratio > 0:
             raise ConfigError(f"`model.attention_channels_ratio` must be positive, "
                               f"got {attention_channels_ratio}")
@@ -135,7 +166,8 @@ class UNetGenerator(nn.Module):
             up_block(widths[i] if i == depth - 1 else 2 * widths[i],
                      out_channels if i == 0 else widths[i - 1],
                      outermost=i == 0, norm_layer=norm_layer,
-                     dropout=dropout and 0 < i and i >= depth - DROPOUT_LEVELS)
+                     dropout=dropout and 0 < i and i >= depth - DROPOUT_LEVELS,
+                     upsample=upsample, padding_mode=padding_mode)
             for i in range(depth))
         # gates[i] weighs skip i (width w_i) by decoder output i+1 (also w_i wide).
         self.gates = nn.ModuleList(
