@@ -1,16 +1,19 @@
-"""Benchmark `stain-search translate`: tiles/s and peak memory on a generated slide.
+"""Benchmark `stain-search translate`: tiles/s, Mpx/s and peak memory on generated slides.
 
-An H&E-like slide (default 8192 x 8192) is generated from the built-in tissue
-phantom — a tissue section (an ellipse of phantom fields) on glass, so some
-tiles are background — and written as a tiled TIFF strip by strip, never
-whole in memory. A real U-Net with untrained (seeded) weights, the
-quickstart's size by default, then translates it into a pyramidal TIFF as
-`stain-search translate` does, in a fresh child process per row of the table,
-so the peak resident memory (VmHWM) is that translation's own.
+H&E-like slides (``--sizes``, e.g. 4096 16384 32768x8192) are generated from
+the built-in tissue phantom — a tissue section (an ellipse of phantom fields)
+on glass, ``--tissue`` of the slide (default 0.6) — and written as
+JPEG-tiled TIFFs strip by strip, never whole in memory. A real U-Net with
+untrained (seeded) weights then translates each into a pyramidal TIFF as
+`stain-search translate` does, in a fresh child process per row of the
+table, so the peak resident memory (VmHWM) is that translation's own: it
+should not grow with the slide (column strips, tests/test_translate_memory.py).
+``--background-test`` adds a slide that is 70 % glass, translated with
+``--min-tissue`` (glass tiles skipped) and with ``--min-tissue 0``.
 
-    python bench/translate.py                           # 8192 px on this CPU
+    python bench/translate.py --sizes 4096 16384 --depth 3 --ngf 8 --norm-stats tile
     python bench/translate.py --norm-stats global tile  # compare statistics modes
-    python bench/translate.py --size 2048 --device cuda # where a GPU is at hand
+    python bench/translate.py --device cuda --batch-size 16   # batched, on a GPU
     python bench/translate.py --smoke-test              # what CI runs: 512 px
 
 Prints a Markdown table and writes the figures, with the machine and its
@@ -42,14 +45,16 @@ def he_fields(size: int, n: int = 4) -> list[np.ndarray]:
     return [phantom_pair("trichrome", i, size=size, seed=7)[1] for i in range(n)]
 
 
-def slide_strips(size: int, *, rows: int = 256):
+def slide_strips(height: int, width: int, *, tissue: float = 0.6, rows: int = 256):
     """Rows of the slide, ``rows`` at a time: phantom fields (rotated by
-    position) inside an elliptical section, glass outside."""
-    side = min(FIELD, size)
+    position) inside an elliptical section covering ``tissue`` of it, glass outside."""
+    side = min(FIELD, height, width)
     fields = he_fields(side)
     rng = np.random.default_rng(0)
-    for y0 in range(0, size, rows):
-        ys = np.arange(y0, min(y0 + rows, size))
+    semi = np.sqrt(4 * tissue / np.pi)  # ellipse semi-axes ·H/2, ·W/2: area = tissue·H·W
+    size = width
+    for y0 in range(0, height, rows):
+        ys = np.arange(y0, min(y0 + rows, height))
         strip = np.empty((len(ys), size, 3), np.uint8)
         for fx in range(0, size, side):
             for fy in sorted({int(y) // side for y in ys}):
@@ -58,29 +63,31 @@ def slide_strips(size: int, *, rows: int = 256):
                 sel = ys // side == fy
                 block = field[ys[sel] % side][:, :min(side, size - fx)]
                 strip[sel, fx:fx + block.shape[1]] = block
-        # The section: an ellipse over ~60% of the slide; glass elsewhere.
-        yy = (ys[:, None] - size / 2) / (0.46 * size)
-        xx = (np.arange(size)[None, :] - size / 2) / (0.40 * size)
+        yy = (ys[:, None] - height / 2) / (semi * height / 2)
+        xx = (np.arange(size)[None, :] - size / 2) / (semi * size / 2)
         outside = yy ** 2 + xx ** 2 > 1
         glass = np.clip(rng.normal(GLASS, 2.0, (len(ys), size, 3)), 0, 255).astype(np.uint8)
         strip[outside] = glass[outside]
         yield strip
 
 
-def write_slide(path: Path, size: int) -> None:
+def write_slide(path: Path, height: int, width: int, *, tissue: float = 0.6) -> None:
     import tifffile
 
+    size = width
+
     def tiles():
-        for strip in slide_strips(size):
+        for strip in slide_strips(height, width, tissue=tissue):
             for x in range(0, size, 256):
                 block = np.zeros((256, 256, 3), np.uint8)
                 part = strip[:, x:x + 256]
                 block[:part.shape[0], :part.shape[1]] = part
                 yield block
 
-    with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2 ** 31) as tif:
-        tif.write(tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(256, 256),
-                  photometric="rgb", compression="zlib")
+    with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2 ** 31) as tif:
+        tif.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(256, 256),
+                  photometric="rgb", compression="jpeg", resolution=(1e4 / 0.5,) * 2,
+                  resolutionunit="CENTIMETER")
 
 
 def translate_job(job: dict, src: str, dst: str, queue) -> None:
@@ -107,7 +114,8 @@ def _translate(job: dict, src: str, dst: str) -> dict:
     g = init_weights(build_generator(cfg.model)).to(device).eval()
     tr = Translator(g, depth=job["depth"], device=device, tile=job["tile"],
                     overlap=job["overlap"], norm_stats=job["norm_stats"],
-                    batch_size=job["batch_size"], progress=job["progress"])
+                    batch_size=job["batch_size"], progress=job["progress"],
+                    min_tissue=job["min_tissue"], model_mpp=0.5)
     startup = common.rss_mib()
     common.reset_peak_rss()
     if device.type == "cuda":
@@ -115,14 +123,16 @@ def _translate(job: dict, src: str, dst: str) -> dict:
     with common.stopwatch() as t:
         translate_path(tr, src, dst)
     run = tr.last_run
+    h, w = job["shape"]
     return {
-        "size": job["size"], "device": str(device), "threads": torch.get_num_threads(),
+        "size": f"{h}x{w}", "tissue": job["tissue"], "min_tissue": job["min_tissue"],
+        "device": str(device), "threads": torch.get_num_threads(),
         "depth": job["depth"], "ngf": job["ngf"], "norm_layers": len(tr.norms),
         "norm_stats": tr.norm_stats, "tile": tr.tile, "overlap": tr.overlap,
         "batch_size": tr.batch_size, "tiles": run.tiles, "tissue_tiles": run.tissue_tiles,
         "passes": run.passes, "forwards": run.forwards, "seconds": t["s"],
         "tiles_per_s": run.tiles / t["s"], "forwards_per_s": run.forwards / t["s"],
-        "mpix_per_s": job["size"] ** 2 / 1e6 / t["s"],
+        "mpix_per_s": h * w / 1e6 / t["s"],
         "startup_rss_mib": startup, "peak_rss_mib": common.peak_rss_mib(),
         "gpu_peak_mib": (torch.cuda.max_memory_allocated(device) / common.MIB
                          if device.type == "cuda" else None),
@@ -150,7 +160,12 @@ def run_child(job: dict, src: Path, dst: Path) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=8192, help="slide side in px (default 8192)")
+    p.add_argument("--sizes", nargs="+", default=["4096", "16384"],
+                   help="slides: N (N x N) or HxW, one table row each (default 4096 16384)")
+    p.add_argument("--tissue", type=float, default=0.6, help="tissue share of each slide")
+    p.add_argument("--min-tissue", type=float, default=0.01, help="as translate's")
+    p.add_argument("--background-test", action="store_true",
+                   help="also a 70 %%-glass slide of the first size, --min-tissue vs 0")
     p.add_argument("--depth", type=int, default=4, help="U-Net depth (quickstart: 4)")
     p.add_argument("--ngf", type=int, default=16, help="U-Net width (quickstart: 16)")
     p.add_argument("--tile", type=int, help="tile size (default: from depth)")
@@ -165,15 +180,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-test", action="store_true", help="512 px, for CI")
     args = p.parse_args(argv)
     if args.smoke_test:
-        args.size = 512
+        args.sizes = ["512"]
+    args.shapes = [tuple(int(v) for v in (s.split("x") if "x" in s else (s, s)))
+                   for s in args.sizes]
     return args
 
 
-COLUMNS = ["size", "device", "norm_stats", "tile", "overlap", "tiles", "tissue_tiles", "passes",
-           "forwards", "seconds", "tiles_per_s", "forwards_per_s", "mpix_per_s",
+COLUMNS = ["size", "tissue", "min_tissue", "device", "norm_stats", "tile", "overlap", "tiles",
+           "tissue_tiles", "passes", "forwards", "seconds", "tiles_per_s", "forwards_per_s",
+           "mpix_per_s",
            "startup_rss_mib", "peak_rss_mib", "gpu_peak_mib"]
-HEADERS = ["size", "device", "norm stats", "tile", "overlap", "tiles", "tissue", "stat passes",
-           "tile forwards", "s", "tiles/s", "forwards/s", "MP/s", "start-up RSS MiB",
+HEADERS = ["size", "tissue", "min tissue", "device", "norm stats", "tile", "overlap", "tiles",
+           "tissue tiles", "stat passes", "tile forwards", "s", "tiles/s", "forwards/s", "MP/s",
+           "start-up RSS MiB",
            "peak RSS MiB", "GPU peak MiB"]
 
 
@@ -183,29 +202,47 @@ def main(argv: list[str] | None = None) -> int:
     print(f"translate benchmark — {common.machine_line(info)}")
     if warning := common.load_warning():
         print(warning)
-    rows = []
+    rows, slides = [], []
+    jobs = [(shape, args.tissue, args.min_tissue) for shape in args.shapes]
+    if args.background_test:
+        jobs += [(args.shapes[0], 0.3, args.min_tissue), (args.shapes[0], 0.3, 0.0)]
     with tempfile.TemporaryDirectory(prefix="stain-search-bench-") as tmp:
-        src = Path(tmp) / "slide.tif"
-        t0 = time.perf_counter()
-        write_slide(src, args.size)
-        generate_s = time.perf_counter() - t0
-        print(f"generated a {args.size} x {args.size} px slide in {generate_s:.0f} s "
-              f"({src.stat().st_size / common.MIB:.0f} MiB tiled TIFF); U-Net depth "
-              f"{args.depth}, ngf {args.ngf}, untrained", flush=True)
-        for mode in args.norm_stats:
-            job = {**vars(args), "norm_stats": mode}
-            rows.append(run_child(job, src, Path(tmp) / f"stained-{mode}.tif"))
-            print(f"  {mode}: {rows[-1]['seconds']:.1f} s", flush=True)
+        for shape, tissue, min_tissue in jobs:
+            src = Path(tmp) / f"slide-{shape[0]}x{shape[1]}-{tissue}.tif"
+            if not src.exists():
+                t0 = time.perf_counter()
+                write_slide(src, *shape, tissue=tissue)
+                slides.append({"shape": shape, "tissue": tissue,
+                               "generate_s": time.perf_counter() - t0,
+                               "mib": src.stat().st_size / common.MIB})
+                print(f"generated a {shape[0]} x {shape[1]} px slide ({tissue:.0%} tissue) in "
+                      f"{slides[-1]['generate_s']:.0f} s ({slides[-1]['mib']:.0f} MiB JPEG "
+                      f"TIFF); U-Net depth {args.depth}, ngf {args.ngf}, untrained", flush=True)
+            for mode in args.norm_stats:
+                job = {**vars(args), "norm_stats": mode, "shape": shape, "tissue": tissue,
+                       "min_tissue": min_tissue}
+                dst = Path(tmp) / "stained.tif"
+                rows.append(run_child(job, src, dst))
+                dst.unlink()
+                print(f"  {rows[-1]['size']} {mode} min-tissue {min_tissue}: "
+                      f"{rows[-1]['seconds']:.1f} s, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
+                      flush=True)
+            if not any(j[0] == shape and j[1] == tissue for j in jobs[jobs.index(
+                    (shape, tissue, min_tissue)) + 1:]):
+                src.unlink()  # disk: one slide at a time
     print()
     print(common.format_table(rows, COLUMNS, headers=HEADERS))
-    whole = args.size ** 2 * 3 / common.MIB
-    print(f"\nthe whole slide in memory would take {whole:.0f} MiB as uint8 and "
-          f"{4 * whole:.0f} MiB as float32; tiles/s counts every tile of the grid "
-          f"(background ones pass through), forwards/s every tile forward of every pass")
-    common.finish("translate", args.json, info, {
-        "slide": {"size": args.size, "generate_s": generate_s,
-                  "whole_uint8_mib": whole, "whole_float32_mib": 4 * whole},
-        "rows": rows})
+    saving = None
+    if args.background_test:
+        skip, full = rows[-2 * len(args.norm_stats)], rows[-len(args.norm_stats)]
+        saving = {"min_tissue_s": skip["seconds"], "all_tiles_s": full["seconds"],
+                  "saved_fraction": 1 - skip["seconds"] / full["seconds"]}
+        print(f"\n70 % glass: --min-tissue {skip['min_tissue']} took {skip['seconds']:.1f} s, "
+              f"--min-tissue 0 {full['seconds']:.1f} s: {saving['saved_fraction']:.0%} saved")
+    print("\ntiles/s counts every tile of the grid (background ones pass through), "
+          "forwards/s every tile forward of every pass")
+    common.finish("translate", args.json, info, {"slides": slides, "rows": rows,
+                                                 "background_test": saving})
     return 0
 
 

@@ -48,7 +48,7 @@ def test_tissue_mask():
 def test_pair_source_drops_glass_and_writes_manifest(tmp_path):
     out = prepare_dataset(pair_source(tmp_path / "src"), tmp_path / "out", tile=128)
     table = pq.read_table(out / "manifest.parquet")
-    assert table.column_names == COLUMNS
+    assert table.column_names[:len(COLUMNS)] == COLUMNS  # slide columns follow
     rows = table.to_pylist()
     assert len(rows) == 2 * 8  # the 8 tissue tiles (left half of 4x4), in both domains
     assert all(r["x"] < 256 and r["tile"] == 128 for r in rows)
@@ -65,7 +65,8 @@ def test_pair_source_drops_glass_and_writes_manifest(tmp_path):
         splits = {r["split"] for r in rows if r["domain"] == domain}
         assert splits == {"train", "test"}
     files = resolve_dataset(out)
-    assert files.layout == "cyclegan" and len(files.pairs) == len(files.test_a) >= 1
+    # A prepared folder is read through its manifest (its splits come from there).
+    assert files.layout == "manifest" and len(files.pairs) == len(files.test_a) >= 1
     # The tile holds the source's pixels at (x, y).
     r = next(iter(a.values()))
     src = read_image(tmp_path / "src" / "A" / "slide.png")
@@ -119,11 +120,11 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = prepare.write_image
 
-    def failing(path, array):
+    def failing(path, array, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return real(path, array)
+        return real(path, array, **kwargs)
 
     monkeypatch.setattr(prepare, "write_image", failing)
     with pytest.raises(OSError, match="disk full"):

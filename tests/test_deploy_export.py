@@ -183,7 +183,7 @@ def test_cli_translate(exported, tmp_path, image, capsys):
     Image.fromarray(image).save(src)
     out = tmp_path / "stained.tif"
     assert main(["translate", str(exported), str(src), str(out), "--min-tissue", "0",
-                 "--no-progress"]) == 0
+                 "--compression", "zlib", "--no-progress"]) == 0
     model = load_model(exported)
     expected = Translator(model.generator(), depth=model.depth, min_tissue=0).translate_array(image)
     import tifffile
@@ -193,3 +193,39 @@ def test_cli_translate(exported, tmp_path, image, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a stain-search model folder" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_export_records_training_mpp_and_translate_reads_the_matching_level(tmp_path, image):
+    """data.mpp at training → model.json → translate picks the slide level at
+    that µm/px (level 1 of a 0.25 µm/px pyramid for a 0.5 µm/px model)."""
+    import tifffile
+
+    from stain_search.deploy.pyramid import halve
+    from stain_search.deploy.translate import translate
+
+    config = load_config(None, {**TINY_BASE, "data.mpp": 0.5})
+    torch.manual_seed(0)
+    gan = CycleGAN(config, device=torch.device("cpu"))
+    folder = tmp_path / "checkpoint_epoch_0001"
+    write_checkpoint(folder, state=gan.state_dict_full(),
+                     meta={"epoch": 1, "metrics": {}, "config": config.to_dict()})
+    out = export_checkpoint(folder, tmp_path / "export", portable="none")
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["data"]["mpp"] == 0.5 and info["data"]["mpp_from"] == "data.mpp"
+    assert set(info["stain_reference"]) == {"macenko", "reinhard"}  # the training H&E's
+    model = load_model(out)
+    assert model.mpp == 0.5
+    slide = tmp_path / "slide.tif"
+    he = np.ascontiguousarray(np.tile(image, (2, 2, 1)))  # 128², at 0.25 µm/px
+    with tifffile.TiffWriter(slide) as tif:
+        for i, level in enumerate([he, halve(he)]):
+            tif.write(level, tile=(32, 32), photometric="rgb", subfiletype=1 if i else 0,
+                      resolution=(1e4 / (0.25 * 2 ** i),) * 2, resolutionunit="CENTIMETER")
+    result = translate(out, slide, tmp_path / "stained.tif", min_tissue=0, compression="zlib")
+    stained = tifffile.imread(result[0])
+    assert stained.shape == (64, 64, 3)  # level 1: 0.5 µm/px
+    expected = Translator(model.generator(), depth=model.depth, min_tissue=0).translate_array(
+        halve(he))
+    assert np.array_equal(stained, expected)
+    with tifffile.TiffFile(result[0]) as tif:
+        assert tif.pages[0].resolution == pytest.approx((1e4 / 0.5, 1e4 / 0.5))

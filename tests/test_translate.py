@@ -13,9 +13,11 @@ from torch import nn
 from stain_search.config import load_config
 from stain_search.data import to_image, to_tensor
 from stain_search.data.phantom import phantom_pair
-from stain_search.deploy.translate import (Grid, TiffSource, Translator, default_overlap, halve,
-                                           open_source, pyramid_shapes, receptive_radius,
-                                           translate_path)
+from stain_search.data.slides import TiffSource
+from stain_search.data.slides import open_slide as open_source
+from stain_search.deploy.pyramid import halve, pyramid_shapes
+from stain_search.deploy.tiling import Grid, default_overlap, receptive_radius
+from stain_search.deploy.translate import Translator, translate_path
 from stain_search.errors import DataError
 from stain_search.models import build_generator, init_weights
 
@@ -193,7 +195,8 @@ def test_pyramidal_tiff_round_trip(tmp_path, he_image):
     image = np.ascontiguousarray(np.concatenate([he_image, he_image[:, ::-1]], axis=1)[:, :300])
     src, dst = tmp_path / "slide.tif", tmp_path / "out" / "stained.tif"
     write_slide(src, image)
-    tr = Translator(tiny_generator(), depth=DEPTH, tile=128, overlap=56, min_tissue=0)
+    tr = Translator(tiny_generator(), depth=DEPTH, tile=128, overlap=56, min_tissue=0,
+                    compression="zlib")
     translate_path(tr, src, dst)
     expected = tr.translate_array(image)
     with tifffile.TiffFile(dst) as tif:

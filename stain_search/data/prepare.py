@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +39,12 @@ import pyarrow.parquet as pq
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 
+from stain_search.atomic import atomic_dir
 from stain_search.data.folders import (LAYOUTS, detect_layout, list_images, name_fraction,
-                                       pair_folders, resolve_dataset)
-from stain_search.data.io import image_size, open_image, write_image
+                                       pair_folders, resolve_dataset, split_by_name)
+from stain_search.data.io import image_size, write_image
+from stain_search.data.resolution import ResampledSource, plan_resolution
+from stain_search.data.slides import OPENSLIDE_EXTENSIONS, SlideSource, open_slide
 from stain_search.errors import ConfigError, DataError
 
 # The Otsu threshold is clipped into this saturation range, measured on the
@@ -56,7 +57,19 @@ MIN_BRIGHTNESS = 40  # darker pixels (labels, black borders) are not tissue
 MANIFEST_SCHEMA = pa.schema([
     ("source", pa.string()), ("domain", pa.string()), ("x", pa.int64()), ("y", pa.int64()),
     ("tile", pa.int32()), ("tissue_fraction", pa.float32()), ("split", pa.string()),
-    ("path", pa.string())])
+    ("path", pa.string()),
+    # Where on the slide (x, y above are level-0 px): the pyramid level read,
+    # level-0 px per tile px (level down-sample ÷ resampling), the tile's µm/px
+    # (null when the source does not say).
+    ("level", pa.int32()), ("downsample", pa.float32()), ("mpp", pa.float32())])
+# How train and test were split, stored in the manifest's metadata ("split_by").
+SPLIT_BY = {
+    "layout": "the source's own train/test folders: each source file in one split",
+    "slide": "by slide: every tile of a slide in the same split, so no test tile comes "
+             "from a training slide",
+    "tile": "by tile: each tile hashed on (source, x, y) at test_fraction; tiles of one "
+            "image can land in both splits",
+}
 
 
 # --- tissue mask -----------------------------------------------------------------
@@ -115,12 +128,12 @@ def _gather(src: str | Path, layout: str) -> tuple[list[Source], str]:
             raise DataError(f"{root}: missing folders for the pair layout "
                             f"(expected {LAYOUTS['pair'].expected})")
         sources = [Source(p, domain, None) for domain, folder in zip("AB", folders)
-                   for p in list_images(folder)]
+                   for p in list_images(folder, slides=True)]
         for domain, folder in zip("AB", folders):
             if not any(s.domain == domain for s in sources):
                 raise DataError(f"{folder}: no images to tile")
         return sources, layout
-    files = resolve_dataset(root, layout)
+    files = resolve_dataset(root, layout, slides=True)
     return ([Source(p, d, s) for (d, s, paths) in [
         ("A", "train", files.train_a), ("B", "train", files.train_b),
         ("A", "test", files.test_a), ("B", "test", files.test_b)] for p in paths], layout)
@@ -159,24 +172,69 @@ class _Job:
     paths: dict[str, Path]  # domain → source; "A" decides what is tissue when both
 
 
+def _size(path: Path) -> tuple[int, int]:
+    """(height, width) of level 0, from the header where the format allows."""
+    if path.suffix.lower() in OPENSLIDE_EXTENSIONS:
+        source = open_slide(path)
+        source.close()
+        return source.levels[0].height, source.levels[0].width
+    return image_size(path)
+
+
 def _jobs(sources: list[Source]) -> list[_Job]:
     groups: dict[tuple[str, str], dict[str, Path]] = {}
     for s in sources:
         groups.setdefault((s.split or "", s.path.stem), {})[s.domain] = s.path
     jobs = []
     for (split, stem), paths in sorted(groups.items()):
-        if len({image_size(p) for p in paths.values()}) == 1:
+        if len({_size(p) for p in paths.values()}) == 1:
             jobs.append(_Job(stem, split or None, paths))
         else:  # same name, different size: not registered, cut each on its own
             jobs += [_Job(stem, split or None, {d: p}) for d, p in paths.items()]
     return jobs
 
 
+def _open(path: Path, *, mpp: float | None, level: int | None) -> SlideSource:
+    """A source at the requested µm/px or level (default: level 0 as stored)."""
+    source = open_slide(path)
+    try:
+        if mpp is None and level is None:
+            return source
+        plan = plan_resolution(source, model_mpp=None, mpp=mpp, level=level)
+        return source if plan.scale == 1.0 else ResampledSource(source, plan.scale)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _where(source: SlideSource) -> tuple[int, float, float | None]:
+    """(level read, level-0 px per px read, µm/px read) of an opened source."""
+    if isinstance(source, ResampledSource):
+        inner = source.inner
+        return inner.level, inner.levels[inner.level].downsample / source.scale, source.mpp
+    return source.level, source.levels[source.level].downsample, source.level_mpp(source.level)
+
+
 def _cut(job: _Job, tmp: Path, *, tile: int, overlap: int, min_tissue: float,
-         test_fraction: float, seed: int) -> list[dict]:
-    """Write the kept tiles of one job; return their manifest rows."""
-    images = {d: open_image(p) for d, p in job.paths.items()}
+         test_fraction: float, seed: int, mpp: float | None = None,
+         level: int | None = None) -> list[dict]:
+    """Write the kept tiles of one job; return their manifest rows. Sources are
+    read region by region (memory: a tile and the reader's small cache)."""
+    images: dict[str, SlideSource] = {}
+    try:
+        for d, p in job.paths.items():
+            images[d] = _open(p, mpp=mpp, level=level)
+        return _cut_open(job, images, tmp, tile=tile, overlap=overlap, min_tissue=min_tissue,
+                         test_fraction=test_fraction, seed=seed)
+    finally:
+        for im in images.values():
+            im.close()
+
+
+def _cut_open(job: _Job, images: dict[str, SlideSource], tmp: Path, *, tile: int, overlap: int,
+              min_tissue: float, test_fraction: float, seed: int) -> list[dict]:
     thresholds = {d: tissue_threshold(im.thumbnail()) for d, im in images.items()}
+    where = {d: _where(im) for d, im in images.items()}
     decider = "A" if "A" in images else next(iter(images))
     ref = images[decider]
     rows = []
@@ -186,15 +244,35 @@ def _cut(job: _Job, tmp: Path, *, tile: int, overlap: int, min_tissue: float,
                      for d, t in tiles.items()}
         if fractions[decider] < min_tissue:
             continue
-        split = job.split or _tile_split(job.stem, y, x, test_fraction=test_fraction, seed=seed)
-        name = f"{job.stem}__x{x:06d}_y{y:06d}.png"
+        _, down, _ = where[decider]
+        x0, y0 = round(x * down), round(y * down)  # level-0 px: the slide's own coordinates
+        split = job.split or _tile_split(job.stem, y0, x0, test_fraction=test_fraction,
+                                         seed=seed)
+        name = f"{job.stem}__x{x0:06d}_y{y0:06d}.png"
         for domain, pixels in tiles.items():
             rel = f"{split}{domain}/{name}"
-            write_image(tmp / rel, pixels)
+            write_image(tmp / rel, pixels, fsync=False)  # the folder is renamed whole
+            lv, ds, tile_mpp = where[domain]
             rows.append({"source": str(job.paths[domain].resolve()), "domain": domain,
-                         "x": x, "y": y, "tile": tile, "tissue_fraction": fractions[domain],
-                         "split": split, "path": rel})
+                         "x": x0, "y": y0, "tile": tile, "tissue_fraction": fractions[domain],
+                         "split": split, "path": rel, "level": lv, "downsample": ds,
+                         "mpp": tile_mpp})
     return rows
+
+
+def _split_slides(jobs: list[_Job], *, test_fraction: float, seed: int) -> None:
+    """Whole slides (by name, A and B together) to train or test; at least one
+    to each when there are two or more names."""
+    stems = {job.stem for job in jobs}
+    if len(stems) < 2:
+        raise DataError(f"splitting by slide needs at least two slides per domain; found "
+                        f"{len(stems)} ({', '.join(sorted(stems))}); add slides or pass "
+                        f"--split-by tile")
+    test = split_by_name(stems, test_fraction=test_fraction, seed=seed)
+    if test == stems:
+        test = {min(stems, key=lambda s: name_fraction(s, seed=seed))}
+    for job in jobs:
+        job.split = "test" if job.stem in test else "train"
 
 
 def _ensure_test_tiles(rows: list[dict], tmp: Path, *, seed: int) -> None:
@@ -226,6 +304,22 @@ def _check_complete(out: Path, rows: list[dict], min_tissue: float) -> None:
                     f"more source images (nothing was written)")
 
 
+def manifest_mpp(folder: Path) -> float | None:
+    """The µm/px of a prepared dataset's tiles (its manifest's median), or None."""
+    path = folder / "manifest.parquet"
+    if not path.is_file():
+        return None
+    try:
+        schema = pq.read_schema(path)
+        if "mpp" not in schema.names:
+            return None
+        values = [v for v in pq.read_table(path, columns=["mpp"]).column("mpp").to_pylist()
+                  if v is not None]
+    except (OSError, pa.ArrowException):
+        return None
+    return float(np.median(values)) if values else None
+
+
 def _write_manifest(path: Path, rows: list[dict], params: dict) -> None:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     table = table.replace_schema_metadata({"stain_search.prepare": json.dumps(params)})
@@ -234,13 +328,20 @@ def _write_manifest(path: Path, rows: list[dict], params: dict) -> None:
 
 def prepare_dataset(src: str | Path, out: str | Path, *, layout: str = "auto", tile: int = 256,
                     overlap: int = 0, min_tissue: float = 0.5, test_fraction: float = 0.1,
-                    seed: int = 0) -> Path:
-    """Tile the images under ``src`` into a CycleGAN-layout dataset at ``out``.
+                    seed: int = 0, mpp: float | None = None, level: int | None = None,
+                    split_by: str = "auto") -> Path:
+    """Tile the images and slides under ``src`` into a CycleGAN-layout dataset at ``out``.
 
     ``min_tissue``: the least tissue fraction a kept tile has;
-    ``test_fraction`` and ``seed`` split tiles of sources without a split.
+    ``test_fraction`` and ``seed`` split sources without a split; ``mpp`` /
+    ``level``: cut slides at that µm/px (resampled from the nearest finer
+    level) or that pyramid level; ``split_by`` (:data:`SPLIT_BY`, for sources
+    without a split): ``slide`` or ``tile``; ``auto`` is ``slide`` when any
+    source is a scanner slide or ``mpp``/``level`` is given, else ``tile``.
     Returns ``out``.
     """
+    if split_by not in ("auto", "slide", "tile"):
+        raise ConfigError(f"--split-by {split_by!r}: unknown; known: auto, slide, tile")
     if tile < 16 or not 0 <= overlap < tile:
         raise ConfigError(f"tile must be ≥ 16 px and 0 ≤ overlap < tile; got tile={tile}, "
                           f"overlap={overlap}")
@@ -253,26 +354,26 @@ def prepare_dataset(src: str | Path, out: str | Path, *, layout: str = "auto", t
                         f"delete it")
     sources, layout = _gather(src, layout)
     _check_unique(sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
+    jobs = _jobs(sources)
+    if layout != "pair":
+        split_by = "layout"
+    elif split_by == "auto":
+        scanner = any(s.path.suffix.lower() in OPENSLIDE_EXTENSIONS for s in sources)
+        split_by = "slide" if scanner or mpp is not None or level is not None else "tile"
+    if split_by == "slide":
+        _split_slides(jobs, test_fraction=test_fraction, seed=seed)
+    with atomic_dir(out, overwrite=False) as tmp:  # out is empty or absent (checked above)
         rows: list[dict] = []
-        for job in _jobs(sources):
+        for job in jobs:
             rows += _cut(job, tmp, tile=tile, overlap=overlap, min_tissue=min_tissue,
-                         test_fraction=test_fraction, seed=seed)
-        if layout == "pair":
+                         test_fraction=test_fraction, seed=seed, mpp=mpp, level=level)
+        if split_by == "tile":
             _ensure_test_tiles(rows, tmp, seed=seed)
         _check_complete(out, rows, min_tissue)
         rows.sort(key=lambda r: (r["split"], r["domain"], r["path"]))
         _write_manifest(tmp / "manifest.parquet", rows, {
             "source": str(Path(src).expanduser().resolve()), "layout": layout, "tile": tile,
             "overlap": overlap, "min_tissue": min_tissue, "test_fraction": test_fraction,
-            "seed": seed})
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            "seed": seed, "mpp": mpp, "level": level, "split_by": split_by,
+            "split": SPLIT_BY[split_by]})
     return out

@@ -26,7 +26,6 @@ is not one of ours is refused with one clear error.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import tempfile
 import warnings
@@ -39,16 +38,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from stain_search.search_dir import SearchDir
 from stain_search import __version__
 from stain_search.atomic import atomic_dir
-from stain_search.checkpoint import CheckpointError, read_checkpoint
-from stain_search.config import Config, ModelConfig, apply_overrides
+from stain_search.checkpoint import read_checkpoint
+from stain_search.config import ModelConfig
+# load_model is re-exported: `from stain_search.deploy.export import load_model` predates
+# model_io and callers (the lead's select tests) still use it.
+from stain_search.deploy.model_io import (FORMAT, INFO_FILE, WEIGHTS_FILE, ModelError,  # noqa: F401
+                                          load_model, model_config, read_export, sha256)
+from stain_search.deploy.translate import Translator, pick_device
+from stain_search.data.prepare import manifest_mpp
+from stain_search.deploy.stain_norm import training_stain_statistics
 from stain_search.errors import ConfigError, StainSearchError
 from stain_search.models import build_generator
 
-FORMAT = "stain-search-model/1"
-WEIGHTS_FILE = "generator.safetensors"
-INFO_FILE = "model.json"
 DEFAULT_ALIAS = "champion"
 ONNX_OPSET = 17
 PORTABLE_TOLERANCE = 1e-4  # max |Δ| in [-1, 1] between G and its ONNX/TorchScript copy
@@ -60,53 +64,6 @@ INPUT_SPEC = {"channels": "RGB", "dtype": "uint8", "layout": "(H, W, 3)",
 OUTPUT_SPEC = {"range": [-1.0, 1.0], "tensor": "(B, 3, H, W) float32",
                "to_uint8": "round((clamp(y, -1, 1) + 1) * 127.5)"}
 
-
-class ModelError(StainSearchError):
-    """A path or file that is not a usable stain-search model."""
-
-
-# --- the export folder --------------------------------------------------------------
-
-@dataclass
-class ExportedModel:
-    """An export (or a training checkpoint) loaded into memory."""
-
-    source: str  # where it came from: a folder, a checkpoint, models:/name@alias
-    info: dict[str, Any]  # model.json
-    model: ModelConfig
-    state: dict[str, torch.Tensor]  # G's state dict
-
-    @property
-    def depth(self) -> int:
-        return self.model.depth
-
-    def generator(self, *, device: str | torch.device = "cpu") -> nn.Module:
-        net = build_generator(self.model)
-        try:
-            net.load_state_dict(self.state, strict=True)
-        except RuntimeError as err:
-            raise ModelError(f"{self.source}: the weights do not fit the model config in "
-                             f"{INFO_FILE} ({str(err).splitlines()[0]})") from None
-        return net.to(device).eval()
-
-
-def model_config(raw: Any, *, where: str) -> ModelConfig:
-    """ModelConfig from a mapping, every key checked (as training configs are)."""
-    if not isinstance(raw, dict):
-        raise ModelError(f"{where}: `model` must be a mapping of model settings")
-    try:
-        return apply_overrides(Config(), {f"model.{k}": v for k, v in raw.items()},
-                               where=where).model
-    except ConfigError as err:
-        raise ModelError(f"{where}: {err}") from None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_onnx(net: nn.Module, path: Path, probe: torch.Tensor) -> dict[str, Any]:
@@ -200,7 +157,7 @@ def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int) -> dic
 
 def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | Path, *,
                  provenance: dict[str, Any], portable: str = "auto",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, data: dict[str, Any] | None = None) -> Path:
     """Write an export folder for G's ``state`` (built under a temporary name,
     renamed into place at the end)."""
     from safetensors.torch import save_file
@@ -230,6 +187,10 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
                                timespec="seconds")},
             "portable": portable_spec,
             "files": {name: {"sha256": sha256(tmp / name)} for name in files},
+            # data.mpp: the µm/px translate reads slides at; stain_reference: the
+            # training H&E's Macenko/Reinhard statistics (translate --normalize).
+            "data": {k: v for k, v in (data or {}).items() if k != "stain_reference"},
+            "stain_reference": (data or {}).get("stain_reference"),
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return out
@@ -244,98 +205,31 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     if not isinstance(state, dict) or "G" not in state:
         raise ModelError(f"{checkpoint}: checkpoint holds no generator G")
     model = model_config((meta.get("config") or {}).get("model", {}), where=str(checkpoint))
-    data = ((meta.get("config") or {}).get("data") or {}).get("path")
+    data_cfg = (meta.get("config") or {}).get("data") or {}
     prov = {"checkpoint": str(checkpoint.resolve()), "epoch": meta.get("epoch"),
-            "metrics": meta.get("metrics", {}), "data": data, **(provenance or {})}
+            "metrics": meta.get("metrics", {}), "data": data_cfg.get("path"),
+            **(provenance or {})}
     return write_export(state["G"], model, out, provenance=prov, portable=portable,
-                        overwrite=overwrite)
+                        overwrite=overwrite, data=training_data(data_cfg))
 
 
-# --- loading --------------------------------------------------------------------------------
-
-def read_export(folder: str | Path) -> ExportedModel:
-    """Load an export folder, checking its format tag and file hashes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    folder = Path(folder)
-    info_path = folder / INFO_FILE
+def training_data(data: dict[str, Any]) -> dict[str, Any]:
+    """What translate needs to know of the training data: its µm/px (the
+    config's ``data.mpp``, else a ``data prepare`` manifest's) and its stain
+    statistics (for ``translate --normalize`` without ``--reference``)."""
+    path, layout = data.get("path"), data.get("layout", "auto")
+    mpp, where = data.get("mpp"), "data.mpp" if data.get("mpp") else None
+    if mpp is None and path and not str(path).startswith("builtin:"):
+        mpp = manifest_mpp(Path(path))
+        where = "manifest.parquet" if mpp else None
+    out: dict[str, Any] = {"path": path, "mpp": mpp, "mpp_from": where}
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{info_path}: unreadable model description ({err})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ModelError(f"{folder}: {INFO_FILE} is not a {FORMAT!r} description (format "
-                         f"{info.get('format') if isinstance(info, dict) else None!r}); "
-                         f"export a model with `stain-search export`")
-    weights = folder / WEIGHTS_FILE
-    expected = (info.get("files") or {}).get(WEIGHTS_FILE, {}).get("sha256")
-    if not weights.is_file():
-        raise ModelError(f"{folder}: {WEIGHTS_FILE} is missing")
-    if expected and sha256(weights) != expected:
-        raise ModelError(f"{weights}: does not match the hash in {INFO_FILE} (changed or "
-                         f"damaged since export); export the model again")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tag = (f.metadata() or {}).get("format")
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelError(f"{weights}: not a safetensors file ({err})") from None
-    if tag != FORMAT:
-        raise ModelError(f"{weights}: safetensors file without the {FORMAT!r} tag; it was not "
-                         f"written by `stain-search export`")
-    return ExportedModel(source=str(folder), info=info,
-                         model=model_config(info.get("model"), where=str(info_path)), state=state)
+        out["stain_reference"] = training_stain_statistics(path, layout)
+    except (StainSearchError, OSError) as err:  # export still works; --reference then needed
+        warnings.warn(f"no stain statistics of the training data stored ({err}); "
+                      f"`translate --normalize` will need --reference", stacklevel=2)
+    return out
 
-
-def read_checkpoint_model(folder: Path) -> ExportedModel:
-    """A training checkpoint used directly as a model (weights_only load)."""
-    try:
-        state, meta = read_checkpoint(folder)
-    except CheckpointError as err:
-        raise ModelError(str(err)) from None
-    if not isinstance(state, dict) or "G" not in state:
-        raise ModelError(f"{folder}: checkpoint holds no generator G")
-    model = model_config((meta.get("config") or {}).get("model", {}), where=str(folder))
-    info = {"format": FORMAT, "model": asdict(model),
-            "provenance": {"checkpoint": str(folder), "epoch": meta.get("epoch"),
-                           "metrics": meta.get("metrics", {})}}
-    return ExportedModel(source=str(folder), info=info, model=model, state=state["G"])
-
-
-def load_model(ref: str | Path, *, tracking_uri: str | None = None) -> ExportedModel:
-    """An export folder (or its model.json / generator.safetensors), a training
-    checkpoint folder, or ``models:/name@alias`` / ``models:/name/version``."""
-    from stain_search import tracking
-    from stain_search.checkpoint import META_FILE, STATE_FILE
-
-    text = str(ref)
-    if text.startswith("models:/"):
-        with tempfile.TemporaryDirectory(prefix="stain-search-model-") as tmp:
-            local = tracking.download_model(tracking.resolve_tracking_uri(tracking_uri), text,
-                                            Path(tmp))
-            found = [p.parent for p in local.rglob(INFO_FILE)]
-            if not found:
-                raise ModelError(f"{text}: the registered model holds no {INFO_FILE}; it was "
-                                 f"not registered by `stain-search export`")
-            model = read_export(found[0])
-            model.source = text
-            return model
-    path = Path(ref)
-    if not path.exists():
-        raise ModelError(f"{path}: no such model folder (give an export folder from "
-                         f"`stain-search export`, or models:/NAME@ALIAS)")
-    if path.is_file():
-        if path.name in (INFO_FILE, WEIGHTS_FILE):
-            return read_export(path.parent)
-        raise ModelError(f"{path}: not a stain-search model; give the export folder (with "
-                         f"{INFO_FILE} and {WEIGHTS_FILE}) made by `stain-search export`")
-    if (path / INFO_FILE).is_file():
-        return read_export(path)
-    if (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
-        return read_checkpoint_model(path)
-    raise ModelError(f"{path}: not a stain-search model folder (no {INFO_FILE}); export one "
-                     f"with `stain-search export NAME`")
 
 
 # --- the pyfunc model and the registry ----------------------------------------------------
@@ -354,8 +248,6 @@ class StainTranslatorModel(mlflow.pyfunc.PythonModel):
         self.translator = None
 
     def load_context(self, context) -> None:
-        from stain_search.deploy.translate import Translator, pick_device
-
         exported = read_export(Path(context.artifacts["export"]))
         options = dict(getattr(context, "model_config", None) or {})
         device = pick_device(options.pop("device", None))
@@ -452,7 +344,8 @@ def register_export(folder: str | Path, *, tracking_uri: str | None, model_name:
                 parent_run_id=parent_run_id, tags=tags,
                 metrics={k: v for k, v in (prov.get("metrics") or {}).items()
                          if isinstance(v, (int, float))},
-                model_name=model_name, alias=alias, python_model=str(entry),
+                model_name=model_name, alias=alias,
+                description=tracking.describe_model_version(prov), python_model=str(entry),
                 model_config=dict(options or {}), artifacts={"export": str(folder)},
                 # stain-search travels with the model: serving needs only the
                 # pip requirements, not this package installed.
@@ -484,7 +377,7 @@ def export_search(name: str, *, storage: str | Path | None = None,
     selection = select(name, storage=storage, tracking_uri=tracking_uri, constraints=constraints)
     chosen = pick(selection, trial=trial, epoch=epoch)
     name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"
-    out = Path(out) if out else selection.search_dir / "exports" / name_out
+    out = Path(out) if out else SearchDir(selection.search_dir).exports / name_out
     provenance = {"search": name, "search_dir": str(selection.search_dir),
                   "trial": chosen.trial, "optuna_trial": chosen.number,
                   "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
