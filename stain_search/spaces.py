@@ -19,6 +19,7 @@ turn into Optuna suggestions.
 
 `frechet` names whichever Fréchet distance the run can honestly compute: `fid`
 with the standard Inception weights, else `fd_random` (see metrics.frechet);
+`kernel` likewise names the kernel distance, `kid` or `kd_random` (metrics.kernel);
 it is resolved here, before Ray starts, and only the resolved name is logged.
 Every key is checked against the training config (stain_search.config).
 """
@@ -32,13 +33,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stain_search import config as cfg
+from stain_search import profiles
 from stain_search.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
     SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 
-TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "search", "resources")
+TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "search", "resources",
+            "profiles")  # profiles: scales of the same space (stain_search.profiles)
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 ALGORITHMS = ("tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "successive_halving")
@@ -71,13 +74,18 @@ class EarlyStopping:
 
 @dataclass
 class SearchSettings:
-    algorithm: str = "tpe"  # TPE (Bergstra et al., 2011); nsga2 for Pareto searches
+    # TPE (Bergstra et al., 2011), also for Pareto searches (multi-objective
+    # TPE: better than NSGA-II under ~100 trials); random; nsga2.
+    algorithm: str = "tpe"
     num_samples: int = 8
     max_concurrent: int = 1
     seed: int = 0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     # Points to try first, e.g. the paper's defaults: [{loss.lambda_cycle: 10}]
     enqueue: list | None = None
+    # NSGA-II's generation size; its first generation is random, so a search
+    # needs at least two generations (num_samples ≥ 2 × population_size).
+    population_size: int = 8
 
 
 EXECUTORS = ("auto", "ray_train", "in_trial")
@@ -113,6 +121,9 @@ class SearchSpec:
     objectives: list[Objective]
     search: SearchSettings
     resources: Resources
+    profile: str | None = None  # the profile applied (stain_search.profiles); None: none defined
+    profile_reason: str = ""  # why that one: --profile, or the hardware's default
+    profiles: tuple[str, ...] = ()  # every profile the space file defines
 
     @property
     def multi_objective(self) -> bool:
@@ -143,10 +154,14 @@ def bundled_spaces() -> list[Path]:
     return sorted(SPACES_DIR.glob("*.yaml"))
 
 
-def load_space(name: str | Path, *, data: str | None = None) -> SearchSpec:
+def load_space(name: str | Path, *, data: str | None = None, profile: str | None = None,
+               gpus: int | None = None, check_objective: bool = True) -> SearchSpec:
+    """Parse a space file under ``profile`` (None: the default for ``gpus`` GPUs,
+    None: this machine's; see stain_search.profiles)."""
     path = resolve_space_path(name)
     raw = cfg.read_yaml(path)
-    return parse_space(raw, path=path, data=data)
+    return parse_space(raw, path=path, data=data, profile=profile, gpus=gpus,
+                       check_objective=check_objective)
 
 
 def _err(path: Path, key: str, msg: str) -> ConfigError:
@@ -243,15 +258,69 @@ def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) ->
         raise _err(path, where, f"`{key}` is not numeric: use `distribution: choice`")
     if base_kind is int and dist in ("uniform", "loguniform"):
         raise _err(path, where, f"`{key}` takes whole numbers: use `int` or `logint`")
-    step = body.get("step")
+    step = _parse_step(body.get("step"), dist, low, high, path=path, where=where)
     return Param(key, dist, low=low, high=high, step=step, when=when)
 
 
+def _parse_step(step: Any, dist: str, low: float, high: float, *, path: Path,
+                where: str) -> float | int | None:
+    """A grid step that Optuna can sample: positive, on a linear scale, and
+    dividing the range, so both ends of the range are reachable."""
+    if step is None:
+        return None
+    key = f"{where}.step"
+    if dist in ("loguniform", "logint"):
+        linear = "uniform" if dist == "loguniform" else "int"
+        raise _err(path, key, f"a {dist} range has no step (Optuna samples a log scale "
+                   f"without a grid): drop `step`, or use `distribution: {linear}` with it")
+    if isinstance(step, str):  # YAML reads 1e-2 (no dot) as a string
+        try:
+            step = float(step)
+        except ValueError:
+            pass
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+        raise _err(path, key, f"expected a finite number, got {step!r}")
+    if step <= 0:
+        raise _err(path, key, f"must be positive, got {step}")
+    if dist == "int":
+        if float(step) != int(step):
+            raise _err(path, key, f"an int range needs a whole step, got {step}")
+        step = int(step)
+    count = (high - low) / step  # grid intervals from low to high
+    if high > low and count < 1 - 1e-9:
+        raise _err(path, key, f"{step} is wider than the range {low}..{high}: use a step "
+                   f"of at most {high - low:g}")
+    if not math.isclose(count, round(count), rel_tol=0, abs_tol=1e-9):
+        fits = low + math.floor(count) * step
+        raise _err(path, key, f"{step} does not divide the range {low}..{high}, so high "
+                   f"would never be drawn: use a step that does, or high: {fits:g}")
+    return step
+
+
 def parse_space(raw: Any, *, path: Path, data: str | None = None,
-                check_objective: bool = True) -> SearchSpec:
+                check_objective: bool = True, profile: str | None = None,
+                gpus: int | None = None) -> SearchSpec:
+    """A space file's mapping → SearchSpec, under the chosen profile (if it has any)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}, "
                           f"got {type(raw).__name__}")
+    explored = set(map(str, raw["space"])) if isinstance(raw.get("space"), Mapping) else set()
+    choice = profiles.choose(profiles.parse_profiles(raw.get("profiles"), path=path,
+                                                     explored=explored),
+                             profile, path=path, gpus=gpus)
+    if choice.profile is not None:
+        raw = profiles.merge(raw, choice.profile, path=path)
+    try:
+        spec = _parse_resolved(raw, path=path, data=data, check_objective=check_objective)
+    except ConfigError as err:
+        raise profiles.blame(err, choice) from None
+    spec.profile = choice.profile.name if choice.profile else None
+    spec.profile_reason, spec.profiles = choice.reason, choice.known
+    return spec
+
+
+def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
+                    check_objective: bool) -> SearchSpec:
     for key in raw:
         if key not in TOP_KEYS:
             raise _err(path, str(key), f"unknown key{cfg.suggest(str(key), list(TOP_KEYS))} "
@@ -294,6 +363,8 @@ def parse_space(raw: Any, *, path: Path, data: str | None = None,
     resources = _dataclass_from(Resources, raw.get("resources"), path=path, key="resources")
     objectives = _parse_objectives(raw.get("objective"), path=path, base_config=base_config,
                                    check=check_objective)
+    if search.early_stopping.metric in METRIC_ALIASES:  # as in `objective`: the honest one
+        search.early_stopping.metric = METRIC_ALIASES[search.early_stopping.metric](base_config)
     _check_search(search, objectives, resources, path=path)
     _check_enqueue(search, params, path=path)
     spec = SearchSpec(name=name, description=str(raw.get("description") or ""), path=path.resolve(),
@@ -310,7 +381,7 @@ def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: b
     if raw is None or not items:
         raise _err(path, "objective", "missing: e.g. {metric: frechet, mode: min}")
     directions = metric_directions()
-    reported = reported_metrics(base_config) if check else set(directions) | {"frechet"}
+    reported = reported_metrics(base_config) if check else set(directions) | set(METRIC_ALIASES)
     out = []
     for i, item in enumerate(items):
         key = "objective" if not isinstance(raw, list) else f"objective[{i}]"
@@ -321,12 +392,12 @@ def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: b
         metric, mode = item.get("metric"), item.get("mode")
         if mode not in ("min", "max"):
             raise _err(path, f"{key}.mode", f"{mode!r}: expected min or max")
-        if metric == "frechet":
-            metric = frechet_metric_name(base_config)
+        if metric in METRIC_ALIASES:
+            metric = METRIC_ALIASES[metric](base_config)
         if metric not in directions:
             raise _err(path, f"{key}.metric", f"{metric!r} is not a metric trials report"
-                       f"{cfg.suggest(str(metric), sorted(directions))} "
-                       f"(known: frechet, {', '.join(sorted(directions))})")
+                       f"{cfg.suggest(str(metric), sorted(directions) + sorted(METRIC_ALIASES))} "
+                       f"(known: {', '.join(METRIC_ALIASES)}, {', '.join(sorted(directions))})")
         if metric not in reported:
             raise _err(path, f"{key}.metric", f"no trial reports {metric!r} on "
                        f"{base_config.data.path}: {why_not_reported(metric)}")
@@ -346,6 +417,16 @@ def frechet_metric_name(config: cfg.Config) -> str:
     return resolve_feature_extractor(config.eval).metric_name
 
 
+def kernel_metric_name(config: cfg.Config) -> str:
+    from stain_search.metrics.frechet import resolve_feature_extractor
+
+    return resolve_feature_extractor(config.eval).kernel_name
+
+
+# Objective names that stand for the metric a run can honestly compute.
+METRIC_ALIASES = {"frechet": frechet_metric_name, "kernel": kernel_metric_name}
+
+
 def reported_metrics(config: cfg.Config) -> set[str]:
     """The metrics a trial on this config will report (checked before Ray starts)."""
     from stain_search.data import resolve_dataset
@@ -353,22 +434,35 @@ def reported_metrics(config: cfg.Config) -> set[str]:
     from stain_search.gan import LOSS_NAMES
 
     files = resolve_dataset(config.data.path, config.data.layout)
+    stain = files.stain if config.eval.stain == "auto" else config.eval.stain
     return set(LOSS_NAMES) | set(evaluator_metrics(config.eval, has_pairs=bool(files.pairs),
-                                                   stain=files.stain))
+                                                   stain=stain))
 
 
 def why_not_reported(metric: str) -> str:
     if metric in ("ssim_gt", "psnr_gt"):
         return "it needs paired targets (test images with the same name in both domains)"
     if metric == "ki67_f1":
-        return "it needs a paired DAB/IHC target (e.g. builtin:phantom-ki67, BCI, MIST)"
+        return ("it needs a paired Ki-67 (nuclear DAB) target, e.g. builtin:phantom-ki67, "
+                "and `eval.ki67_f1: true`")
     if metric == "fid":
         return ("no Inception weights were found: set eval.fid_weights (or "
                 "STAIN_SEARCH_FID_WEIGHTS) to a local pt_inception-2015-12-05 file, "
                 "or use `metric: frechet`")
     if metric == "fd_random":
         return "Inception weights are configured, so the run reports `fid` instead"
-    return "see `stain-search spaces --metrics`"
+    if metric == "kid":
+        return ("no Inception weights were found (`stain-search weights fetch` gets them), "
+                "or use `metric: kernel`")
+    if metric == "kd_random":
+        return "Inception weights are configured, so the run reports `kid` instead"
+    if metric == "stain_od_r":
+        return ("it needs paired targets and a known stain: set `eval.stain` (ki67, her2, "
+                "ihc, dab, trichrome, pas) if the dataset does not say")
+    if metric == "stain_area_error":
+        return ("the dataset's stain is unknown: set `eval.stain` (ki67, her2, ihc, dab, "
+                "trichrome, pas)")
+    return "the README's Metrics section says what each metric needs"
 
 
 def _check_search(search: SearchSettings, objectives: list[Objective], resources: Resources,
@@ -387,6 +481,17 @@ def _check_search(search: SearchSettings, objectives: list[Objective], resources
     if es.pruner != "none" and len(objectives) > 1 and es.metric is None:
         raise _err(path, "search.early_stopping.metric", "a Pareto search has several "
                    "objectives: name the one metric that decides pruning")
+    if es.pruner == "successive_halving" and len(objectives) > 1:
+        raise _err(path, "search.early_stopping.pruner", "successive halving ranks trials "
+                   "by one value and cannot prune a Pareto search: use `median` (applied to "
+                   "early_stopping.metric) or `none`")
+    if search.algorithm == "nsga2" and search.num_samples < 2 * search.population_size:
+        raise _err(path, "search.algorithm", f"NSGA-II with population_size "
+                   f"{search.population_size} and num_samples {search.num_samples} only "
+                   f"draws its random first generation: use `algorithm: tpe` (multi-"
+                   f"objective TPE), or num_samples ≥ {2 * search.population_size}")
+    if search.population_size < 2:
+        raise _err(path, "search.population_size", "must be at least 2")
     if es.grace_period < 1:
         raise _err(path, "search.early_stopping.grace_period", "must be at least 1 epoch")
     if resources.workers_per_trial < 1:

@@ -1,0 +1,300 @@
+"""Profiles: one search space, sized for the machine it runs on.
+
+A bundled space explores the same keys on a 2-core laptop and on a GPU;
+what changes is the scale — crop, U-Net widths and depth, epochs, the
+evaluation set, what a trial asks Ray for, the budget. A space file keeps
+one ``space:`` and names its scales under ``profiles:``::
+
+    profiles:
+      demo: {description: the 2-core CPU quickstart, as `base` says}
+      gpu:
+        description: the CycleGAN reference scale (U-Net-256 at 256 px)
+        data: builtin:phantom-trichrome-512     # --data still wins
+        base: {data.crop: 256, model.depth: 8, model.ngf: 64, model.ndf: 64,
+               train.epochs: 200, train.decay_epochs: 100}
+        resources: {cpus_per_worker: 4, gpus_per_worker: 1}
+        search: {early_stopping: {grace_period: 20}}
+
+What a profile may hold (``PROFILE_KEYS``), each merged over the space's own
+section of the same name:
+
+- ``description``: one line for ``stain-search spaces``;
+- ``data``: the dataset this scale trains on by default (``--data`` wins);
+- ``base``: fixed training keys (dotted or nested, as in ``base``), never a
+  key the space explores — a profile sizes the search, it does not fix
+  what is searched;
+- ``resources``: any ``resources`` key;
+- ``search``: the budget only (``SEARCH_KEYS``: ``num_samples``,
+  ``max_concurrent``, ``early_stopping.grace_period``/``min_trials``, which
+  count epochs and so scale with them). The algorithm, seed, enqueued points,
+  pruner and its metric define the search and stay in the space's ``search``;
+  the ``objective`` is what the space means and is never in a profile.
+
+The default follows the hardware (:func:`default_profile`): ``gpu`` where a
+GPU is visible, else ``demo``; a space without the preferred one falls back
+to ``demo``, then to its first profile. A space without ``profiles:`` runs as
+written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stain_search import config as cfg
+from stain_search.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stain_search.spaces import SearchSpec
+
+PROFILE_KEYS = ("description", "data", "base", "resources", "search")
+SEARCH_KEYS = ("num_samples", "max_concurrent", "early_stopping")
+EARLY_STOPPING_KEYS = ("grace_period", "min_trials")
+GPU_PROFILE, CPU_PROFILE = "gpu", "demo"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    data: str | None = None
+    base: dict[str, Any] = field(default_factory=dict)  # dotted keys
+    resources: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)  # SEARCH_KEYS only
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The profile a space runs under, and why (printed on the first line)."""
+    profile: Profile | None
+    reason: str
+    known: tuple[str, ...]
+
+
+def local_gpus() -> int:
+    """CUDA devices this process can see (the driver's machine, before Ray starts)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_profile(gpus: int) -> str:
+    """The profile a machine (or a Ray cluster) with ``gpus`` GPUs runs by default."""
+    return GPU_PROFILE if gpus > 0 else CPU_PROFILE
+
+
+def _err(path: Path, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{path}: `{key}`: {msg}")
+
+
+def _mapping(value: Any, *, path: Path, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _err(path, key, f"expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` as dotted keys, whether written dotted or as nested sections."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in cfg.SECTIONS and isinstance(value, Mapping):
+            out.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            out[str(key)] = value
+    return out
+
+
+def _check_keys(body: Mapping, allowed: tuple[str, ...], *, path: Path, key: str,
+                why: str = "") -> None:
+    for k in body:
+        if k not in allowed:
+            raise _err(path, f"{key}.{k}", f"a profile cannot set this{why}"
+                       f"{cfg.suggest(str(k), list(allowed))} (allowed: {', '.join(allowed)})")
+
+
+def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str]) -> Profile:
+    where = f"profiles.{name}"
+    body = _mapping(raw, path=path, key=where)
+    _check_keys(body, PROFILE_KEYS, path=path, key=where)
+    base = flatten(_mapping(body.get("base"), path=path, key=f"{where}.base"))
+    for key in base:
+        if key in explored:
+            raise _err(path, f"{where}.base.{key}", "explored in `space`: a profile sizes "
+                       "the search, it does not fix what is searched")
+    search = _mapping(body.get("search"), path=path, key=f"{where}.search")
+    _check_keys(search, SEARCH_KEYS, path=path, key=f"{where}.search",
+                why=" (the algorithm, seed, enqueued points and pruner define the search: "
+                    "they stay in the space's `search`)")
+    if "early_stopping" in search:
+        es = _mapping(search["early_stopping"], path=path, key=f"{where}.search.early_stopping")
+        _check_keys(es, EARLY_STOPPING_KEYS, path=path, key=f"{where}.search.early_stopping",
+                    why=" (only the epoch counts scale with a profile)")
+        search["early_stopping"] = es
+    from stain_search.spaces import Resources
+
+    resources = _mapping(body.get("resources"), path=path, key=f"{where}.resources")
+    _check_keys(resources, tuple(f.name for f in dataclasses.fields(Resources)),
+                path=path, key=f"{where}.resources")
+    data = body.get("data")
+    if data is not None and not isinstance(data, str):
+        raise _err(path, f"{where}.data", f"expected a folder or builtin:NAME, got {data!r}")
+    return Profile(name=name, description=str(body.get("description") or ""), data=data,
+                   base=base, resources=resources, search=search)
+
+
+def parse_profiles(raw: Any, *, path: Path, explored: set[str]) -> dict[str, Profile]:
+    """The ``profiles:`` section, validated; ``explored`` are the keys of ``space``."""
+    body = _mapping(raw, path=path, key="profiles")
+    if raw is not None and not body:
+        raise _err(path, "profiles", f"empty: name at least one, e.g. {CPU_PROFILE}: {{}}")
+    out = {}
+    for name in body:
+        text = str(name)
+        if not text.replace("-", "").replace("_", "").isalnum():
+            raise _err(path, f"profiles.{text}", "a profile name uses letters, digits, "
+                       "'-' and '_' only")
+        out[text] = _parse_one(text, body[name], path=path, explored=explored)
+    return out
+
+
+def choose(profiles: Mapping[str, Profile], requested: str | None, *, path: Path,
+           gpus: int | None = None) -> Choice:
+    """The profile to run: ``requested`` (``--profile``), else the hardware's default.
+
+    ``gpus``: the GPUs the search can use (e.g. what Ray reports); None asks
+    this machine's CUDA.
+    """
+    known = tuple(profiles)
+    if requested is not None:
+        if not profiles:
+            raise ConfigError(f"{path}: --profile {requested}: this space defines no "
+                              f"`profiles:`; drop --profile (it runs as written)")
+        if requested not in profiles:
+            raise ConfigError(f"{path}: --profile {requested}: no such profile"
+                              f"{cfg.suggest(requested, list(known))} (this space's profiles: "
+                              f"{', '.join(known)})")
+        return Choice(profiles[requested], "chosen with --profile", known)
+    if not profiles:
+        return Choice(None, "the space defines no profiles: it runs as written", known)
+    gpus = local_gpus() if gpus is None else gpus
+    preferred = default_profile(gpus)
+    seen = f"{gpus} GPU{'s' if gpus != 1 else ''} visible" if gpus else "no GPU visible"
+    name = next(n for n in (preferred, CPU_PROFILE, known[0]) if n in profiles)
+    why = f"default: {seen}" + ("" if name == preferred else
+                                f", and the space has no `{preferred}` profile")
+    return Choice(profiles[name], why, known)
+
+
+def merge(raw: Mapping[str, Any], profile: Profile, *, path: Path) -> dict[str, Any]:
+    """The space file's mapping with the profile's overrides applied."""
+    out = {k: v for k, v in raw.items() if k != "profiles"}
+    out["base"] = {**flatten(_mapping(raw.get("base"), path=path, key="base")), **profile.base}
+    if profile.data is not None:
+        out["data"] = profile.data
+    out["resources"] = {**_mapping(raw.get("resources"), path=path, key="resources"),
+                        **profile.resources}
+    search = _mapping(raw.get("search"), path=path, key="search")
+    for key, value in profile.search.items():
+        search[key] = ({**_mapping(search.get(key), path=path, key=f"search.{key}"), **value}
+                       if key == "early_stopping" else value)
+    out["search"] = search
+    return out
+
+
+def blame(err: ConfigError, choice: Choice) -> ConfigError:
+    """``err`` (found after merging), naming the profile and how to choose another."""
+    if choice.profile is None:
+        return err
+    others = [n for n in choice.known if n != choice.profile.name]
+    hint = f"; other profiles: {', '.join(others)} (--profile NAME)" if others else ""
+    return ConfigError(f"{err} [under profile `{choice.profile.name}`{hint}]")
+
+
+# --- what the user sees ---------------------------------------------------------------------
+
+def scale(config: cfg.Config, resources: Any) -> str:
+    """One line of what a profile sets: crop, widths, batch, epochs, resources."""
+    d, m, t = config.data, config.model, config.train
+    decay = f" ({t.decay_epochs} decaying)" if t.decay_epochs else ""
+    steps = f" × {t.steps_per_epoch} steps" if t.steps_per_epoch else ""
+    gpus = resources.gpus_per_worker
+    per_worker = (f"{gpus:g} GPU + " if gpus else "") + f"{resources.cpus_per_worker:g} CPU"
+    return (f"{d.crop} px, U-Net depth {m.depth} ngf {m.ngf}, D ndf {m.ndf}, batch "
+            f"{d.batch_size}, {t.epochs} epochs{steps}{decay}, {per_worker} per worker")
+
+
+def describe(spec: SearchSpec) -> str:
+    """The first line of a run: which profile, why, and what it sets."""
+    head = f"profile {spec.profile}" if spec.profile else "no profile"
+    others = [n for n in spec.profiles if n != spec.profile]
+    tail = f"; others: {', '.join(others)} (--profile NAME)" if others else ""
+    return (f"{spec.name}: {head} ({spec.profile_reason}) — "
+            f"{scale(spec.base_config(), spec.resources)}{tail}")
+
+
+def check_hardware(spec: SearchSpec, *, gpus: int) -> None:
+    """Refuse, before Ray starts, a space whose trials ask for GPUs this machine lacks.
+
+    Ray would otherwise keep every trial pending, waiting for a GPU that never comes.
+    """
+    want = spec.resources.gpus_per_worker
+    if want > 0 and gpus == 0:
+        which = f"profile `{spec.profile}`" if spec.profile else f"{spec.path.name}"
+        cpu = (f"--profile {CPU_PROFILE}, or " if CPU_PROFILE in spec.profiles
+               and spec.profile != CPU_PROFILE else "")
+        raise ConfigError(
+            f"{which} asks for {want:g} GPU per trial worker, but no GPU is visible here "
+            f"(torch.cuda.is_available() is False): run with {cpu}--address of a Ray "
+            f"cluster that has GPUs (or set RAY_ADDRESS); --dry-run shows the settings "
+            f"without a GPU")
+
+
+def dry_run(spec: SearchSpec, *, gpus: int) -> str:
+    """What ``--dry-run`` prints: the search exactly as it would start, as YAML.
+
+    Nothing is started, written or read: no Ray, no search folder, no MLflow
+    run, no image (a built-in dataset is not generated), so the objective is
+    resolved (``frechet`` → its honest name) but checked against the data
+    only when the search starts.
+    """
+    import yaml
+
+    resources = {**dataclasses.asdict(spec.resources),
+                 "executor": f"{spec.resources.resolved_executor} ({spec.resources.executor})"}
+    record = {
+        "profile": {"name": spec.profile, "why": spec.profile_reason,
+                    "defined": list(spec.profiles)},
+        "space_file": str(spec.path),
+        "base_config": spec.base_config().to_dict(),
+        "space": {p.key: {k: v for k, v in dataclasses.asdict(p).items()
+                          if k != "key" and v not in (None, (), [])} for p in spec.params},
+        "objective": [dataclasses.asdict(o) for o in spec.objectives],
+        "search": dataclasses.asdict(spec.search),
+        "resources": resources,
+    }
+    text = yaml.safe_dump(json_safe(record), sort_keys=False, allow_unicode=True, width=100)
+    lines = [describe(spec), text.rstrip()]
+    try:
+        check_hardware(spec, gpus=gpus)
+    except ConfigError as err:
+        lines.append(f"note: a run here would stop before Ray starts: {err}")
+    lines.append("dry run: nothing started or written (no Ray, no search folder, no MLflow "
+                 "run, no data read; the objective is checked against the data when the "
+                 "search starts)")
+    return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """Tuples → lists, paths → strings: plain YAML, no Python tags."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
