@@ -3,13 +3,17 @@
 When MLflow's API changes (it does, every few releases) this file changes.
 
 Schema (what analysis/ and deploy/ read back):
-    experiment  = the search name
-    parent run  = one per search, tags  stain_search.role=search,
-                  stain_search.search, stain_search.objective (JSON),
-                  stain_search.study, stain_search.search_dir;
-                  artifacts: space.yaml, resolved.json
-    child run   = one per trial, run name = the trial name (deterministic),
+    experiment  = the search name, tag mlflow.experimentKind=custom_model_development
+                  (the UI opens it on its runs table, not the GenAI overview)
+    parent run  = one per search (per search id), tags  stain_search.role=search,
+                  stain_search.search, stain_search.search_id,
+                  stain_search.objective (JSON), stain_search.study,
+                  stain_search.search_dir; artifacts: space.yaml, search.json;
+                  metric best_so_far_<objective> (step = finished trials)
+    child run   = one per trial, named by trial_run_name (``t03 λ=10.6 id=0.54``),
                   tags  mlflow.parentRunId, stain_search.role=trial,
+                  stain_search.tune_trial_id,
+                  stain_search.search_id (every look-up filters on it),
                   stain_search.trial (trial name), stain_search.optuna_trial
                   (number), stain_search.status (running|finished|pruned|failed),
                   stain_search.error, stain_search.checkpoints (folder),
@@ -45,6 +49,10 @@ OPTUNA_TRIAL, OBJECTIVE, STUDY = ("stain_search.optuna_trial", "stain_search.obj
 SEARCH_DIR, CHECKPOINTS, PARENT = ("stain_search.search_dir", "stain_search.checkpoints",
                                    "mlflow.parentRunId")
 RESUMED_FROM, DIVERGED = "stain_search.resumed_from_epoch", "stain_search.diverged"
+# The search's unique id (search.json): two searches of one name in one store
+# (two folders, a team's server) never share or mix runs.
+SEARCH_ID = "stain_search.search_id"
+TUNE_TRIAL = "stain_search.tune_trial_id"
 STATUSES = ("running", "finished", "pruned", "failed")
 
 
@@ -108,13 +116,23 @@ def _fail_fast(uri: str):
                 os.environ[k] = v
 
 
+# MLflow 3 opens an experiment on its GenAI overview (traces, token usage)
+# unless this tag says the experiment trains models: then on the runs table.
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(c, name: str, *, uri: str) -> str:
+    """The experiment of a search (created, restored or found), marked as model
+    development so that the MLflow UI opens it on its runs table."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:  # made before the tag existed
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    return c.create_experiment(name, artifact_location=_artifact_location(uri, name),
+                               tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
 
 
 def _artifact_location(uri: str, name: str) -> str | None:
@@ -128,14 +146,16 @@ def find_run(c, experiment_id: str, *, tags: dict[str, str]) -> Any | None:
     return runs[0] if runs else None
 
 
-def start_search_run(c, experiment_id: str, *, search: str, objective: Any,
+def start_search_run(c, experiment_id: str, *, search: str, search_id: str, objective: Any,
                      study: Path, search_dir: Path, artifacts: Iterable[Path] = ()) -> str:
-    """The parent run of a search; found again (not duplicated) on resume."""
-    run = find_run(c, experiment_id, tags={ROLE: "search", SEARCH: search})
+    """The parent run of a search; found again (not duplicated) on resume, by the
+    search's id: another search of the same name gets its own parent run."""
+    run = find_run(c, experiment_id, tags={ROLE: "search", SEARCH_ID: search_id})
     if run is None:
-        run = c.create_run(experiment_id, run_name=search, tags={
-            ROLE: "search", SEARCH: search, OBJECTIVE: json.dumps(objective),
-            STUDY: str(study), SEARCH_DIR: str(search_dir)})
+        run = c.create_run(experiment_id, run_name=f"{search} {search_id[:6]}", tags={
+            ROLE: "search", SEARCH: search, SEARCH_ID: search_id,
+            OBJECTIVE: json.dumps(objective), STUDY: str(study),
+            SEARCH_DIR: str(search_dir)})
         for path in artifacts:
             c.log_artifact(run.info.run_id, str(path))
     elif run.info.status != "RUNNING":
@@ -143,21 +163,24 @@ def start_search_run(c, experiment_id: str, *, search: str, objective: Any,
     return run.info.run_id
 
 
-def start_trial_run(c, experiment_id: str, *, parent_run_id: str, search: str, trial: str,
-                    optuna_trial: int | None, params: dict[str, Any],
-                    searched: Iterable[str], checkpoints: Path) -> str:
-    """The child run of one trial; a restarted trial continues its own run."""
-    run = find_run(c, experiment_id, tags={ROLE: "trial", SEARCH: search, TRIAL: trial})
+def start_trial_run(c, experiment_id: str, *, parent_run_id: str, search: str,
+                    search_id: str, trial: str, optuna_trial: int | None,
+                    params: dict[str, Any], searched: Iterable[str], checkpoints: Path,
+                    run_name: str | None = None, tune_trial_id: str | None = None) -> str:
+    """The child run of one trial; a restarted or resumed trial continues its own run."""
+    run = find_run(c, experiment_id, tags={ROLE: "trial", SEARCH_ID: search_id, TRIAL: trial})
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
         c.set_tag(run.info.run_id, STATUS, "running")
         return run.info.run_id
-    tags = {PARENT: parent_run_id, ROLE: "trial", SEARCH: search, TRIAL: trial,
-            STATUS: "running", CHECKPOINTS: str(checkpoints),
+    tags = {PARENT: parent_run_id, ROLE: "trial", SEARCH: search, SEARCH_ID: search_id,
+            TRIAL: trial, STATUS: "running", CHECKPOINTS: str(checkpoints),
             "stain_search.searched": json.dumps(sorted(searched))}
     if optuna_trial is not None:
         tags[OPTUNA_TRIAL] = str(optuna_trial)
-    run = c.create_run(experiment_id, run_name=trial, tags=tags)
+    if tune_trial_id is not None:
+        tags[TUNE_TRIAL] = tune_trial_id
+    run = c.create_run(experiment_id, run_name=run_name or trial, tags=tags)
     log_params(c, run.info.run_id, params)
     return run.info.run_id
 
@@ -229,9 +252,12 @@ def end_search_run(c, run_id: str, *, status: str = "FINISHED", summary: dict | 
     c.set_terminated(run_id, status=status)
 
 
-def trial_runs(c, experiment_id: str, *, search: str) -> list[Any]:
-    """All child runs of a search (every page)."""
+def trial_runs(c, experiment_id: str, *, search: str, search_id: str | None = None) -> list[Any]:
+    """All child runs of a search (every page): of the search with this id, or,
+    for searches recorded before ids existed, of every search of this name."""
     flt = f"tags.`{ROLE}` = 'trial' and tags.`{SEARCH}` = '{search}'"
+    if search_id:
+        flt += f" and tags.`{SEARCH_ID}` = '{search_id}'"
     runs, token = [], None
     while True:
         page = c.search_runs([experiment_id], filter_string=flt, max_results=1000,
@@ -242,24 +268,134 @@ def trial_runs(c, experiment_id: str, *, search: str) -> list[Any]:
             return runs
 
 
-def compare_url(uri: str, search: str, *, base: str) -> str:
-    """A UI link that shows every trial of a search side by side (params, metrics)."""
-    from urllib.parse import quote
+# Short labels of searched keys in trial run names; any other key shows its last part.
+RUN_NAME_LABELS = {"loss.lambda_cycle": "λ", "loss.lambda_identity": "id", "loss.r1_gamma": "γ",
+                   "optim.consensus_gamma": "γc", "model.attention": "att"}
+
+
+def trial_run_name(number: int | None, params: dict[str, Any]) -> str:
+    """A run name a person can read in the UI: ``t03 λ=10.6 id=0.54``.
+
+    The trial's Optuna number, then each searched key (short label) with its
+    value to 3 significant figures, in the order given. Names need not be
+    unique: runs are found by their tags (stain_search.trial, the Tune id).
+    """
+    def value(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    head = f"t{number:02d}" if number is not None else "t?"
+    parts = [f"{RUN_NAME_LABELS.get(k, k.rsplit('.', 1)[-1])}={value(v)}" for k, v in params.items()]
+    return " ".join([head, *parts])[:250]  # the UI truncates long names anyway
+
+
+BEST_SO_FAR = "best_so_far"
+
+
+def log_best_so_far(c, parent_run_id: str, metric: str, value: float, step: int) -> None:
+    """The best objective value so far on the search's parent run, as the
+    metric ``best_so_far_<metric>`` at step = finished trials: the search's
+    progress as one chart in the MLflow UI."""
+    import time as _time
+
+    from mlflow.entities import Metric
+
+    if np.isfinite(value):
+        c.log_batch(parent_run_id, metrics=[Metric(f"{BEST_SO_FAR}_{metric}", float(value),
+                                                   int(_time.time() * 1000), int(step))])
+
+
+def describe_model_version(provenance: dict[str, Any]) -> str:
+    """The description of a registered model version (Markdown, which the
+    MLflow UI renders): the search, trial, epoch, metrics and data of an
+    export's provenance (keys search, trial, optuna_trial, epoch, metrics,
+    data, objectives; any may be missing)."""
+    get = provenance.get
+    trial = f"trial **{get('trial')}**" + (f" (#{get('optuna_trial')})"
+                                           if get("optuna_trial") is not None else "")
+    lines = [f"Exported by stain-search from search **{get('search') or '?'}**, {trial}, "
+             f"epoch **{get('epoch') if get('epoch') is not None else '?'}**.",
+             "", f"Data: `{get('data') or '?'}`"]
+    objective = {o["metric"]: o["mode"] for o in get("objectives") or []}
+    metrics = {k: v for k, v in (get("metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        for key in sorted(metrics, key=lambda k: (k not in objective, k)):
+            note = f" (objective, {objective[key]})" if key in objective else ""
+            lines.append(f"| {key}{note} | {metrics[key]:.4g} |")
+    return "\n".join(lines)
+
+
+TOP_COMPARED = 10  # runs in the compare link: more make its plots unreadable
+
+
+def ui_links(uri: str, search: str, *, base: str, top: int = TOP_COMPARED) -> dict[str, str]:
+    """The links `stain-search ui --search NAME` prints: ``runs`` (the
+    experiment's runs table, trial runs only, best first), ``compare`` (the
+    compare view of the ``top`` best trials, best first) and ``report`` (the
+    report page logged to the parent run, or the file ``stain-search report``
+    writes). With several searches of one name, the newest.
+
+    Trials are ranked by the first objective's best epoch value, as the
+    report does; trials that logged none come last.
+    """
+    from urllib.parse import quote, urlencode
 
     c = client(uri)
     exp = c.get_experiment_by_name(search)
-    if exp is None:
-        raise TrackingError(f"no search named {search!r} in {uri}")
-    ids = [r.info.run_id for r in trial_runs(c, exp.experiment_id, search=search)]
-    return (f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}"
-            f"&experiments={quote(json.dumps([exp.experiment_id]))}")
+    if exp is None or exp.lifecycle_stage != "active":
+        raise TrackingError(f"no search named {search!r} in {uri}: check --search and "
+                            f"--tracking-uri (the store `stain-search run` wrote to)")
+    parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'search'",
+                            order_by=["attributes.start_time DESC"], max_results=1)
+    parent = parents[0] if parents else None
+    search_id = parent.data.tags.get(SEARCH_ID) if parent else None
+    objectives = json.loads(parent.data.tags.get(OBJECTIVE, "[]")) if parent else []
+    metric, mode = ((objectives[0]["metric"], objectives[0]["mode"]) if objectives else (None, "min"))
+    runs = trial_runs(c, exp.experiment_id, search=search, search_id=search_id)
+    ui = base.rstrip("/")
+
+    def best(run: Any) -> float:
+        values = [m.value for m in c.get_metric_history(run.info.run_id, metric)] if metric else []
+        values = [v for v in values if np.isfinite(v)]
+        if not values:
+            return float("inf")
+        return min(values) if mode == "min" else -max(values)
+
+    ranked = sorted(runs, key=best)
+    flt = f"tags.`{ROLE}` = 'trial'" + (f" and tags.`{SEARCH_ID}` = '{search_id}'" if search_id else "")
+    # MLflow 3.17's UI takes its GenAI / model-training mode from this URL
+    # parameter (else from the browser's last choice, GenAI at first), before
+    # the experiment's kind tag: without it even /runs shows the GenAI sidebar.
+    state = {"workflowType": "machine_learning", "searchFilter": flt}
+    if metric:
+        state.update(orderByKey=f"metrics.`{metric}`", orderByAsc="true" if mode == "min" else "false")
+    links = {
+        "runs": f"{ui}/#/experiments/{exp.experiment_id}/runs?{urlencode(state, quote_via=quote)}",
+        "compare": (f"{ui}/#/compare-runs?runs="
+                    f"{quote(json.dumps([r.info.run_id for r in ranked[:top]]))}"
+                    f"&experiments={quote(json.dumps([exp.experiment_id]))}"
+                    f"&workflowType=machine_learning"),
+    }
+    logged = parent is not None and "report/report.html" in {
+        a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    if logged:
+        links["report"] = f"{run_url(ui, exp.experiment_id, parent.info.run_id)}/artifacts/report/report.html"
+    else:
+        folder = parent.data.tags.get(SEARCH_DIR) if parent else None
+        page = Path(folder) / "report.html" if folder else None
+        links["report"] = (page.as_uri() if page is not None and page.is_file() else
+                           f"not written yet: `stain-search report {search}` writes it")
+    return links
 
 
-def fail_orphans(c, experiment_id: str, *, search: str, keep: Iterable[str] = ()) -> int:
-    """Trial runs left RUNNING by a killed driver are marked failed (on resume)."""
+def fail_orphans(c, experiment_id: str, *, search: str, search_id: str,
+                 keep: Iterable[str] = ()) -> int:
+    """Trial runs still RUNNING once every trial of a search has ended (none of
+    them can finish any more) are marked failed."""
     keep = set(keep)
     n = 0
-    for run in trial_runs(c, experiment_id, search=search):
+    for run in trial_runs(c, experiment_id, search=search, search_id=search_id):
         if run.info.status == "RUNNING" and run.info.run_id not in keep:
             end_trial_run(c, run.info.run_id, status="failed",
                           error="interrupted: the search driver stopped while this trial ran")
@@ -268,6 +404,12 @@ def fail_orphans(c, experiment_id: str, *, search: str, keep: Iterable[str] = ()
 
 
 # --- reading back (analysis/: stain-search report) ---------------------------
+
+def search_run(c, experiment_id: str, *, search: str, search_id: str | None) -> Any | None:
+    """The parent run of a search, by its id (by name for searches without one)."""
+    tags = {ROLE: "search", SEARCH_ID: search_id} if search_id else {ROLE: "search", SEARCH: search}
+    return find_run(c, experiment_id, tags=tags)
+
 
 def find_experiment(c, name: str) -> str | None:
     """The id of the experiment of a search, or None when the store has none."""
@@ -329,7 +471,7 @@ def _first_line(err: Exception) -> str:
 def register_pyfunc_model(uri: str, *, experiment: str, run_name: str,
                           parent_run_id: str | None, tags: dict[str, str],
                           metrics: dict[str, float], model_name: str, alias: str,
-                          **pyfunc: Any) -> tuple[str, str]:
+                          description: str | None = None, **pyfunc: Any) -> tuple[str, str]:
     """Save a pyfunc model (``pyfunc`` goes to ``mlflow.pyfunc.save_model``) as
     the artifact ``model`` of a new run nested under ``parent_run_id`` (e.g. the
     trial's run), register it as a new version of ``model_name`` tagged with
@@ -360,7 +502,8 @@ def register_pyfunc_model(uri: str, *, experiment: str, run_name: str,
         except MlflowException:  # the first version of this name
             c.create_registered_model(model_name)
         version = str(c.create_model_version(model_name, source=f"runs:/{run_id}/model",
-                                             run_id=run_id, tags=tags).version)
+                                             run_id=run_id, tags=tags,
+                                             description=description).version)
         c.set_registered_model_alias(model_name, alias, version)
     except MlflowException as err:
         c.set_terminated(run_id, status="FAILED")

@@ -1,0 +1,119 @@
+"""Local servers the CLI runs in the foreground: the MLflow UI (`stain-search
+ui`) and optuna-dashboard (`stain-search dashboard`).
+
+A server is started in its own session (so its own process group): the
+terminal's Ctrl-C then reaches only stain-search, which stops the server and
+everything it started. MLflow's UI is a tree — the `mlflow` command, uvicorn
+and huey job workers — and stopping only its first process leaves the rest
+running and the port served. SIGTERM, as `kill` or a scheduler sends it, is
+handled the same way. (A SIGKILL of stain-search itself cannot be caught:
+then the server's group has to be stopped by hand, `kill -- -PGID`.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Sequence
+
+import psutil
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GRACE_S = 10.0  # for a clean shutdown (uvicorn drains, huey stops) before SIGKILL
+
+
+class _Stopped(Exception):
+    """A stop signal arrived while the server ran."""
+
+
+def serve(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> int:
+    """Run the server ``cmd`` until it exits or stain-search receives SIGINT or
+    SIGTERM, then stop its whole process tree. Returns the server's exit
+    status, or 0 when it was stopped on request."""
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    proc: subprocess.Popen | None = None
+    try:
+        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+        return proc.wait()
+    except _Stopped:
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if proc is not None:
+                stop_tree(proc)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The server's processes: its group, and its descendants (a child may
+    start a session of its own, as MLflow's job runner does)."""
+    members: dict[int, psutil.Process] = {}
+    try:
+        leader = psutil.Process(proc.pid)
+        members[leader.pid] = leader
+        members.update((p.pid, p) for p in leader.children(recursive=True))
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == proc.pid:
+                members.setdefault(p.pid, p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return list(members.values())
+
+
+def stop_tree(proc: subprocess.Popen, *, grace: float = GRACE_S) -> None:
+    """SIGTERM the server's group and descendants; SIGKILL what is left after
+    ``grace`` seconds; reap the server."""
+    members = tree(proc)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in members:
+        _signal(p, signal.SIGTERM)
+    left = _wait_gone(proc, members, timeout=grace)
+    for p in left:
+        _signal(p, signal.SIGKILL)
+    _wait_gone(proc, left, timeout=grace)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def alive(p: psutil.Process) -> bool:
+    """Running, and not a zombie waiting for a parent that may never reap it."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(proc: subprocess.Popen, members: list[psutil.Process], *,
+               timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the server itself once it exits
+        left = [p for p in members if alive(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
