@@ -2,7 +2,6 @@
 
 - :mod:`~stain_search.analysis.load` — a search as a tidy pandas frame (trial × epoch), Parquet.
 - :mod:`~stain_search.analysis.importance` — fANOVA / PED-ANOVA importance, effect directions.
-- :mod:`~stain_search.analysis.pareto` — Pareto fronts and the chosen (compromise) trial.
 - :mod:`~stain_search.analysis.flags` — structure lost while realism improved; mode collapse.
 - :mod:`~stain_search.analysis.samples` — top trials' generators on the same validation tiles.
 - :mod:`~stain_search.analysis.plots` — the figures (matplotlib, PNG).

@@ -40,6 +40,7 @@ import yaml
 from stain_search import config as cfg
 from stain_search import tracking
 from stain_search.errors import ConfigError
+from stain_search.search_dir import SearchDir
 from stain_search.spaces import Objective, Param
 
 ID_COLUMNS = ["trial", "number", "run_id", "status", "state", "epoch", "time"]
@@ -69,6 +70,10 @@ class Search:
         return len(self.objectives) > 1
 
     @property
+    def sdir(self) -> SearchDir:
+        return SearchDir(self.search_dir)
+
+    @property
     def param_keys(self) -> list[str]:
         return [p.key for p in self.params if p.key in self.frame.columns]
 
@@ -83,36 +88,14 @@ class Search:
 
 # --- the search folder --------------------------------------------------------
 
-def read_record(search_dir: Path) -> dict[str, Any]:
-    """search.json: the parsed space as `stain-search run` saved it."""
-    path = Path(search_dir) / "search.json"
-    if not path.is_file():
-        raise ConfigError(f"{search_dir}: no search here (no search.json); pass --storage "
-                          f"with the folder given to `stain-search run` (default: "
-                          f"./stain-search-runs)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: unreadable ({err})") from None
-
-
-def params_from_record(record: dict[str, Any]) -> list[Param]:
-    return [Param(key=p["key"], distribution=p["distribution"], low=p.get("low"),
-                  high=p.get("high"), step=p.get("step"), choices=tuple(p.get("choices") or ()),
-                  when=tuple((k, tuple(v)) for k, v in (p.get("when") or ())))
-            for p in record.get("params", [])]
-
-
 def open_study(path: Path, name: str):
     """The search's Optuna study, read-only in effect; None if it does not exist."""
-    import optuna
-
-    from stain_search.study import storage
+    from stain_search.study import open_study as open_journal
 
     if not Path(path).is_file():  # the journal backend would create an empty file
         return None
     try:
-        return optuna.load_study(study_name=name, storage=storage(Path(path)))
+        return open_journal(name, Path(path))
     except KeyError:  # the driver stopped before creating the study
         return None
 
@@ -216,14 +199,13 @@ def load_search(name: str, *, storage: str | Path | None = None,
                 tracking_uri: str | None = None) -> Search:
     """Read a search (finished or running) from its folder, study and MLflow store.
     Reads only: nothing is created, not even an empty SQLite store."""
-    from stain_search.search import search_dir_for  # the one rule for where searches live
-
-    search_dir = search_dir_for(storage, name)
-    record = read_record(search_dir)
-    name = record.get("name", name)
-    objectives = [Objective(o["metric"], o["mode"]) for o in record.get("objectives", [])]
-    params = params_from_record(record)
-    study = open_study(search_dir / "study.journal", name)
+    sdir = SearchDir.of(storage, name)
+    search_dir = sdir.root
+    record = sdir.read_record()
+    name = record.name
+    objectives = record.objectives
+    params = record.params
+    study = open_study(sdir.study_journal, name)
     study_trials = {t.number: t for t in study.get_trials(deepcopy=False)} if study else {}
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -239,11 +221,11 @@ def load_search(name: str, *, storage: str | Path | None = None,
             f"search {name!r}: no MLflow experiment of that name in {uri}"
             f"{' (no such file)' if missing is not None else ''}; pass --tracking-uri with "
             f"the store the search logged to{_store_hint(search_dir, uri)}")
-    parent_run = tracking.find_run(c, experiment_id,
-                                   tags={tracking.ROLE: "search", tracking.SEARCH: name})
+    parent_run = tracking.search_run(c, experiment_id, search=name, search_id=record.search_id)
     parent = parent_run.info.run_id if parent_run is not None else None
     records = [run_record(c, run, study_trials=study_trials)
-               for run in tracking.trial_runs(c, experiment_id, search=name)]
+               for run in tracking.trial_runs(c, experiment_id, search=name,
+                                              search_id=record.search_id)]
     seen = {fixed["number"] for fixed, _ in records}
     records += [(study_only_record(t), []) for n, t in sorted(study_trials.items()) if n not in seen]
     keys = [p.key for p in params]
@@ -252,7 +234,7 @@ def load_search(name: str, *, storage: str | Path | None = None,
                    "params": keys}
     return Search(name=name, search_dir=search_dir, tracking_uri=uri,
                   experiment_id=experiment_id, parent_run_id=parent, objectives=objectives,
-                  params=params, base=dict(record.get("base", {})), study=study, frame=frame)
+                  params=params, base=record.base, study=study, frame=frame)
 
 
 def save_parquet(frame: pd.DataFrame, path: str | Path) -> Path:

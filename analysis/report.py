@@ -39,7 +39,7 @@ from stain_search.analysis import flags as flagging
 from stain_search.analysis import plots
 from stain_search.analysis.importance import EVALUATORS, NotEnoughTrials, importances, trends
 from stain_search.analysis.load import Search, load_search, save_parquet, trial_table
-from stain_search.analysis.pareto import pareto_mask, ranking
+from stain_search.pareto import deploy_order, pareto_mask
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Analysis:
     importance_messages: list[str]
     trends: list[dict]
     flags: list[flagging.Flag]
+    chosen_epoch: int | None = None  # its epoch (the deploy rule picks a trial × epoch)
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Report:
 # --- the numbers -----------------------------------------------------------------
 
 def rank_trials(table: pd.DataFrame, objectives) -> tuple[pd.DataFrame, np.ndarray]:
-    """Complete trials first, by objective (multi: Pareto fronts, compromise order);
+    """Complete trials first, by the deploy rule's order (multi: Pareto front, then the
+    first objective; stain_search.pareto);
     then the others (pruned, running, failed) by their last first-objective value."""
     metrics = [o.metric for o in objectives]
     modes = [o.mode for o in objectives]
@@ -85,7 +87,7 @@ def rank_trials(table: pd.DataFrame, objectives) -> tuple[pd.DataFrame, np.ndarr
     scored = np.isfinite(values).all(axis=1)
     complete = (table["state"] == "COMPLETE").to_numpy() & scored
     idx_c = np.flatnonzero(complete)
-    order = list(idx_c[ranking(values[idx_c], modes)]) if idx_c.size else []
+    order = list(idx_c[deploy_order(values[idx_c], modes)]) if idx_c.size else []
     rest = np.flatnonzero(~complete)
     if have:
         first = values[rest, 0] * (1.0 if modes[0] == "min" else -1.0)
@@ -114,7 +116,7 @@ def analyse(search: Search) -> Analysis:
     if table.empty:
         return Analysis(table, np.zeros(0, dtype=bool), None, {}, [], [], [])
     table, front = rank_trials(table, search.objectives)
-    chosen = table["trial"].iloc[0] if (table["state"] == "COMPLETE").any() and front.any() else None
+    chosen, chosen_epoch = deploy_choice(search)
     scores, messages = {}, []
     for name in EVALUATORS:
         try:
@@ -124,7 +126,17 @@ def analyse(search: Search) -> Analysis:
                 messages.append(str(err))
     found = trends(table, params=search.param_keys, metrics=effect_metrics(search))
     flags = flagging.all_flags(search.frame, table)
-    return Analysis(table, front, chosen, scores, messages, found, flags)
+    return Analysis(table, front, chosen, scores, messages, found, flags,
+                    chosen_epoch=chosen_epoch)
+
+
+def deploy_choice(search: Search) -> tuple[str | None, int | None]:
+    """The checkpoint `best` and `export` name (stain_search.deploy.select's rule):
+    the report marks the same trial × epoch."""
+    from stain_search.deploy.select import select_dir
+
+    best = select_dir(search.sdir, tracking_uri=search.tracking_uri).best()
+    return (best.trial, best.epoch) if best is not None else (None, None)
 
 
 # --- the figures ---------------------------------------------------------------------
@@ -224,8 +236,8 @@ CAPTIONS = {
                      "The red star is the chosen trial. Look for a slope (an effect) or a "
                      "valley (a best range).",
     "pareto": "Blue: trials no other trial beats on both objectives. The chosen trial (star) "
-              "is the front's compromise: nearest to the ideal after scaling each objective "
-              "across the front.",
+              "holds the checkpoint to deploy: on the front, with the best first objective "
+              "(the rule `stain-search best` and `export` follow).",
     "best_so_far": "Grey: every evaluated epoch of every trial, in the order they finished; "
                    "red: the best value so far. A curve still falling at the right end says "
                    "more trials would help.",
@@ -331,9 +343,10 @@ def render_html(search: Search, analysis: Analysis, figures: dict[str, Path], *,
         r = chosen.iloc[0]
         vals = ", ".join(f"{o.metric} = {_fmt(r.get(o.metric))}" for o in search.objectives)
         params = ", ".join(f"{k} = {_fmt(r.get(k))}" for k in search.param_keys)
-        sections.append(f'<p class="note">Chosen: <b>{e(str(r["trial"]))}</b> (Optuna #'
-                        f"{_fmt(r['number'])}), checkpoint of epoch {_fmt(r.get('best_epoch'))}: "
-                        f"{vals}; {params}.</p>")
+        sections.append(f'<p class="note">Chosen, the checkpoint to deploy: <b>'
+                        f'{e(str(r["trial"]))}</b> (Optuna #{_fmt(r["number"])}) at epoch '
+                        f"{_fmt(analysis.chosen_epoch)} (the rule of <code>stain-search best"
+                        f"</code>); trial's last values {vals}; {params}.</p>")
     sections.append("<h2>What mattered</h2>" + importance_html(search, analysis))
 
     def figure(name: str, title: str) -> None:
@@ -382,7 +395,7 @@ def write_report(name: str, *, storage: str | Path | None = None,
                  images: bool = True) -> Report:
     """Load the search, analyse it, write the page (and Parquet), log the figures."""
     search = load_search(name, storage=storage, tracking_uri=tracking_uri)
-    out = Path(out) if out else search.search_dir / "report.html"
+    out = Path(out) if out else search.sdir.report_file
     parquet_path = save_parquet(search.frame, parquet) if parquet else None
     analysis = analyse(search)
     folder = out.with_name(f"{out.stem}_figures")

@@ -64,7 +64,7 @@ def best_local_checkpoint(folder: Path, objective: Objective) -> Path | None:
 
 def find_checkpoint(search, trial: str, run_id: str | None, objective: Objective, *,
                     scratch: Path) -> Path | None:
-    local = best_local_checkpoint(search.search_dir / "trials" / trial, objective)
+    local = best_local_checkpoint(search.sdir.trials / trial, objective)
     if local is not None or run_id is None:
         return local
     c = tracking.client(search.tracking_uri)

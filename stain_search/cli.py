@@ -1,8 +1,9 @@
 """The `stain-search` command line.
 
-Each verb is one small function registered in COMMANDS; the work lives in
-the library. A StainSearchError (bad input a user can fix) becomes one line
-on stderr and exit status 2 — never a traceback.
+Each verb is one small `cmd_*` function, bound to its sub-parser with
+``set_defaults(func=...)``; the work lives in the library. A StainSearchError
+(bad input a user can fix) becomes one line on stderr and exit status 2 —
+never a traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from stain_search.errors import ConfigError, StainSearchError
+from stain_search.errors import EXIT_INTERRUPTED, ConfigError, SearchInterrupted, StainSearchError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 EXIT_USAGE = 2
@@ -53,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stain_search.checkpoint import list_checkpoints
     from stain_search.config import load_config
     from stain_search.data.datasets import verify_dataset
-    from stain_search.train import LocalReporter, run_training
+    from stain_search.train import LocalReporter, retention_for, run_training
 
     overrides = parse_overrides(args.set)
     if args.data:
@@ -65,19 +66,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     d = config.data
     # Pre-flight before the results folder exists: every image decodes.
     verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
+    retention = retention_for(config)
     out = Path(args.out or Path("stain-search-runs") / f"train-{config_path.stem}")
     existing = list_checkpoints(out / "checkpoints")
     if existing and not args.resume:
         raise ConfigError(f"{out} already holds a training run ({existing[-1].name}); "
                           f"pass --resume to continue it or --out to start a new one")
     resume = existing[-1] if existing and args.resume else None
-    reporter = LocalReporter(out)
+    reporter = LocalReporter(out, retention=retention,
+                             generator_snapshots=config.train.generator_snapshots)
     if resume is not None:
         truncate_metrics(out / "metrics.jsonl", upto_epoch=int(resume.name.rsplit("_", 1)[1]))
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     print(f"training on {config.data.path} → {out}")
+    if retention.keep is not None:
+        print(f"keeping the {retention.keep} best checkpoints by {retention.metric} "
+              f"and the newest")
     metrics = run_training(config, reporter=reporter, resume=resume)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
                      indent=None))
@@ -86,12 +92,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def truncate_metrics(path: Path, *, upto_epoch: int) -> None:
-    """Drop lines of epochs after the checkpoint we resume from (they re-run)."""
+    """Drop lines of epochs after the checkpoint we resume from (they re-run).
+
+    Rewritten atomically: an interruption here leaves the old file whole.
+    """
+    from stain_search.atomic import atomic_write_text
+
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("epoch", 0) <= upto_epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -99,7 +110,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     out = prepare_dataset(args.src, args.out, layout=args.layout, tile=args.tile,
                           overlap=args.overlap, min_tissue=args.min_tissue,
-                          test_fraction=args.test_fraction, seed=args.seed)
+                          test_fraction=args.test_fraction, seed=args.seed, mpp=args.mpp,
+                          level=args.level, split_by=args.split_by)
     print(f"dataset written to {out} (manifest: {out / 'manifest.parquet'})")
     return 0
 
@@ -114,65 +126,125 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from stain_search.profiles import check_hardware, dry_run, local_gpus
     from stain_search.search import format_summary, run_search
     from stain_search.spaces import load_space
-    from stain_search.tracking import resolve_tracking_uri
 
-    summary = run_search(args.space, data=args.data, name=args.name, storage=args.storage,
+    if args.dry_run or not (args.address or os.environ.get("RAY_ADDRESS")):
+        # Before Ray, only this machine's GPUs are known; a cluster's are Ray's to report.
+        planned = load_space(args.space, data=args.data, profile=args.profile,
+                             check_objective=False)
+        if args.dry_run:
+            planned.name = args.name or planned.name
+            planned.search.num_samples = args.num_samples or planned.search.num_samples
+            planned.search.max_concurrent = args.max_concurrent or planned.search.max_concurrent
+            print(dry_run(planned, gpus=local_gpus()))
+            return 0
+        check_hardware(planned, gpus=local_gpus())
+
+    outcome = run_search(args.space, data=args.data, name=args.name, storage=args.storage,
                          tracking_uri=args.tracking_uri, address=args.address,
                          resume=args.resume, num_samples=args.num_samples,
-                         max_concurrent=args.max_concurrent)
-    spec = load_space(args.space, data=args.data)
-    if args.name:
-        spec.name = args.name
-    print(format_summary(spec, summary, uri=resolve_tracking_uri(args.tracking_uri)))
-    return 0 if summary else 1
+                         max_concurrent=args.max_concurrent,
+                         profile=getattr(args, "profile", None), verbose=args.verbose,
+                         live=not args.verbose and sys.stdout.isatty(),
+                         say=lambda line: print(line, flush=True))
+    print(format_summary(outcome))
+    return 0 if outcome.selection.best() is not None else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from stain_search.search import search_dir_for
+    """`resume NAME`: the search's own copy of its space, data and profile, and
+    its recorded budget (``--num-samples N`` extends it)."""
+    from stain_search.search_dir import SearchDir
 
-    folder = search_dir_for(args.storage, args.name)
-    if not (folder / "space.yaml").is_file():
-        raise ConfigError(f"{folder}: no search named {args.name!r} to resume "
-                          f"(looked in --storage {args.storage or 'stain-search-runs'})")
-    saved = json.loads((folder / "search.json").read_text())
-    args.space = str(folder / "space.yaml")
-    args.data = saved["base"].get("data.path") if args.data is None else args.data
+    sdir = SearchDir.of(args.storage, args.name)
+    record = sdir.read_record()
+    args.space = str(sdir.space_file)
+    args.data = record.data if args.data is None else args.data
+    if getattr(args, "profile", None) is None:
+        args.profile = record.profile
     args.resume = True
     return cmd_run(args)
 
 
-def cmd_spaces(args: argparse.Namespace) -> int:
-    from stain_search.spaces import bundled_spaces
+def cmd_status(args: argparse.Namespace) -> int:
+    from stain_search.status import format_listing, format_status, list_status, search_status
 
+    if args.name is None:
+        rows = list_status(args.storage)
+        print(json.dumps([r.to_dict() for r in rows], indent=2, default=str) if args.json
+              else format_listing(rows, storage=args.storage))
+        return 0
+    status = search_status(args.name, storage=args.storage, tracking_uri=args.tracking_uri)
+    print(json.dumps(status.to_dict(), indent=2, default=str) if args.json
+          else format_status(status))
+    return 0
+
+
+def cmd_spaces(args: argparse.Namespace) -> int:
+    """Each bundled space, then each of its profiles: what it is for and what it sets."""
+    import textwrap
+
+    from stain_search.profiles import local_gpus, scale
+    from stain_search.spaces import bundled_spaces, load_space
+
+    gpus = local_gpus()
     for path in bundled_spaces():
-        raw = yaml.safe_load(path.read_text()) or {}
-        print(f"spaces/{path.name:<18} {raw.get('description', '')}")
+        default = load_space(path, gpus=gpus, check_objective=False)
+        print(textwrap.fill(default.description, 100, initial_indent=f"spaces/{path.name:<18} ",
+                            subsequent_indent=" " * 26))
+        for name in default.profiles:
+            spec = load_space(path, profile=name, check_objective=False)
+            raw = yaml.safe_load(path.read_text())["profiles"][name] or {}
+            mark = " (default here)" if name == default.profile else ""
+            print(f"    --profile {name}{mark}: {raw.get('description', '')}")
+            print(f"        {scale(spec.base_config(), spec.resources)}")
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from stain_search.tracking import resolve_tracking_uri
+    from stain_search.services import serve
+    from stain_search.tracking import resolve_tracking_uri, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    # One worker: a viewer for one person. With several, uvicorn's supervisor
+    # restarts any worker slow to answer its health check, and on a busy
+    # 2-core machine the UI then never came up (workers respawned for minutes).
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
     if uri.startswith("sqlite:///"):
         root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
         cmd += ["--default-artifact-root", root.resolve().as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}; Ctrl-C stops it)",
-          flush=True)
-    if args.search:
-        from stain_search.tracking import compare_url
-        print(f"trials of search {args.search!r}: "
-              f"{compare_url(uri, args.search, base=f'http://{args.host}:{args.port}')}", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    base = f"http://{args.host}:{args.port}"
+    links = ui_links(uri, args.search, base=base) if args.search else None  # bad name: no server
+    print(f"MLflow UI on {base}  (store: {uri}; Ctrl-C stops it)", flush=True)
+    if links:
+        print(f"runs of search {args.search!r}: {links['runs']}")
+        print(f"compare its top trials: {links['compare']}")
+        print(f"report: {links['report']}", flush=True)
+    return serve(cmd)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import shutil
+
+    from stain_search.search_dir import SearchDir
+    from stain_search.services import serve
+
+    journal = SearchDir.of(args.storage, args.name).study_journal
+    if not journal.is_file():
+        raise ConfigError(f"{journal}: no study of a search named {args.name!r} "
+                          f"(looked in --storage {args.storage or 'stain-search-runs'})")
+    # The command installed beside this Python first (a venv not on PATH).
+    program = (shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+               or shutil.which("optuna-dashboard"))
+    if program is None:
+        raise ConfigError("optuna-dashboard is not installed: pip install 'stain-search[dashboard]'")
+    print(f"optuna-dashboard on http://{args.host}:{args.port}  (study: {journal}; "
+          f"Ctrl-C stops it)", flush=True)
+    return serve([program, str(journal), "--storage-class", "JournalFileStorage",
+                  "--host", args.host, "--port", str(args.port)])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -243,9 +315,22 @@ def cmd_translate(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite, device=args.device, tile=args.tile,
                         overlap=args.overlap, norm_stats=args.norm_stats, kernel=args.kernel,
                         min_tissue=args.min_tissue, batch_size=args.batch_size,
-                        compression=args.compression,
+                        compression=args.compression, quality=args.quality, mpp=args.mpp,
+                        level=args.level, normalize=args.normalize, reference=args.reference,
                         progress=not args.no_progress and sys.stderr.isatty())
     print(f"translated {len(outputs)} image(s) → {args.output}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from stain_search.config import load_config
+    from stain_search.weights import fetch_weights, weights_status
+
+    if args.weights_command == "fetch":
+        fetch_weights(args.to, url=args.url)
+        return 0
+    config = load_config(resolve_config_path(args.config), parse_overrides(args.set))
+    print("\n".join(weights_status(config)))
     return 0
 
 
@@ -256,12 +341,16 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
     p.add_argument("--max-concurrent", type=int, help="override search.max_concurrent")
+    p.add_argument("--profile", help="the space's scale, e.g. demo or gpu (default: gpu "
+                   "where a GPU is visible, else demo; `stain-search spaces` lists them)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, space, "
+                   "objective, resources and profile, then exit without starting Ray")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="Ray Tune's own tables and every trial's output (default: the "
+                   "search's compact view)")
 
 
 # --- parser -----------------------------------------------------------------
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -294,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop tiles with less tissue than this fraction")
     q.add_argument("--test-fraction", type=float, default=0.1)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--mpp", type=float, help="cut slides at this µm/px (resampled from the "
+                   "nearest finer pyramid level)")
+    q.add_argument("--level", type=int, help="cut slides at this pyramid level as stored")
+    q.add_argument("--split-by", default="auto", choices=["auto", "slide", "tile"],
+                   help="split sources without a train/test split by whole slide or by "
+                   "tile (auto: slide for scanner slides or with --mpp/--level)")
     q.set_defaults(func=cmd_data_prepare)
     q = dsub.add_parser("builtin", help="list (and --generate) the built-in phantom datasets")
     q.add_argument("--generate", action="store_true")
@@ -311,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_options(p)
     p.set_defaults(func=cmd_resume)
 
+    p = sub.add_parser("status", help="a search's trials, best so far and driver, without "
+                       "Ray (no NAME: every search in --storage)")
+    p.add_argument("name", nargs="?", help="search name (default: list the searches)")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("spaces", help="list the bundled search spaces")
     p.set_defaults(func=cmd_spaces)
 
@@ -318,8 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1 only)")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--search", help="also print a link comparing this search's trials")
+    p.add_argument("--search", help="also print links to this search's runs, its top "
+                   "trials side by side, and its report")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("dashboard", help="serve a search's Optuna study in optuna-dashboard "
+                       "(the `dashboard` extra)")
+    p.add_argument("name", help="search name")
+    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1 only)")
+    p.add_argument("--port", type=int, default=8080, help="default: 8080")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("report", help="one HTML page on what a search taught us "
                        "(importance, Pareto front, plots, flags)")
@@ -376,8 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate H&E tiles, images or whole slides "
                        "(tiled, seam-free, pyramidal TIFF out)")
     p.add_argument("model", help="export folder, or models:/NAME@ALIAS from the registry")
-    p.add_argument("input", help="image, whole-slide TIFF/SVS, or folder of images")
-    p.add_argument("output", help="output file (.tif: pyramidal TIFF; .png, .jpg) or folder")
+    p.add_argument("input", help="image, whole slide (.svs, .ndpi, .mrxs, .scn, TIFF, ... "
+                   "via OpenSlide/tifffile), or folder of them")
+    p.add_argument("output", help="output file (.ome.tif: OME-TIFF for QuPath/Bio-Formats; "
+                   ".tif: pyramidal TIFF OpenSlide reads; .png, .jpg) or folder")
     p.add_argument("--tracking-uri", help="MLflow store for models:/ (default: ./mlflow.db)")
     p.add_argument("--tile", type=int, help="tile size in px (default: from model depth)")
     p.add_argument("--overlap", type=int, help="tile overlap in px (default: covers the "
@@ -390,19 +504,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles with less tissue pass through unchanged (0: translate all)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--compression", default="zlib", choices=["zlib", "jpeg", "none"],
-                   help="TIFF output compression (default: zlib, lossless)")
+    p.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib", "none"],
+                   help="TIFF output tiles (default: jpeg, as scanners write; zlib: lossless)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    p.add_argument("--mpp", type=float, help="µm/px G reads the slide at (default: the "
+                   "model's, recorded at training); the level is picked and resampled to it")
+    p.add_argument("--level", type=int, help="read this pyramid level as stored (instead of "
+                   "--mpp)")
+    p.add_argument("--normalize", default="none", choices=["none", "macenko", "reinhard"],
+                   help="stain-normalise the input first (default: none)")
+    p.add_argument("--reference", help="reference H&E image for --normalize (default: the "
+                   "training set's statistics stored at export)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_translate)
 
-    for register in EXTRA_PARSERS:
-        register(sub)
+    p = sub.add_parser("weights", help="the Inception weights FID/KID need: fetch, or "
+                       "see which features runs use")
+    wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    q = wsub.add_parser("fetch", help="download torch-fidelity's Inception weights, "
+                        "SHA-256 checked")
+    q.add_argument("--to", metavar="PATH", help="file or folder to write (default: the torch "
+                   "hub cache, where runs look without further settings)")
+    q.add_argument("--url", help="download from a mirror (default: $STAIN_SEARCH_WEIGHTS_URL, "
+                   "else torch-fidelity's release)")
+    q.set_defaults(func=cmd_weights)
+    q = wsub.add_parser("status", help="which features a run would use, and why")
+    q.add_argument("config", nargs="?", help="training config YAML, or a bundled name "
+                   "(default: quickstart)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set eval.fid_weights=PATH")
+    q.set_defaults(func=cmd_weights)
+
     return parser
-
-
-# Later modules (search, deploy, analysis) add their verbs here.
-EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,9 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     except StainSearchError as err:
         print(f"stain-search: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except SearchInterrupted as err:
+        print(f"stain-search: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("stain-search: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

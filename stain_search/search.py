@@ -1,35 +1,53 @@
-"""`stain-search run`: a search = Ray Tune trials, suggested by an Optuna study,
-each trial a Ray Train CycleGAN job, everything tracked in MLflow.
+"""`stain-search run`: the search driver (thin: it validates, records and starts).
 
-Everything a search writes lives in one folder:
+A search is Ray Tune trials suggested by an Optuna study (``stain_search.study``),
+each trial one CycleGAN training (``stain_search.trainables.cyclegan``: in the
+Tune trial process, or a Ray Train TorchTrainer for data-parallel trials),
+everything tracked in MLflow (``stain_search.tracking``). The folder it keeps
+is described once, in ``stain_search.search_dir``.
 
-    <storage>/<name>/
-        space.yaml      the space file as given        search.json  the parsed space
-        study.journal   the Optuna study (optuna-dashboard opens it)
-        tune/           Ray Tune's experiment state (what --resume restores)
-        trials/<trial>/checkpoint_epoch_XXXX/   the best k checkpoints per trial
-        summary.json    the best trial(s) when the search ends
+The driver, top to bottom:
 
-Validation (space, data, objective, tracking store) happens before Ray
-starts, so a mistake costs a second, not a cluster start.
+1. Validates before Ray starts, writing nothing: the space, the folder (another
+   search's? a live driver?), every image, the tracking store.
+2. Records the search (``search.json``: its id, identity and budget), takes the
+   driver lock, opens the MLflow parent run, resolves the evaluation features
+   once, and builds the one :class:`~stain_search.context.TrialContext` every
+   trial receives.
+3. Runs Tune: first the study's unfinished trials (a resumed search continues
+   them), then new ones up to ``num_samples`` finished trials.
+4. Ctrl-C, SIGTERM or a full disk stop it cleanly (``stain_search.stopping``):
+   interrupted trials stay resumable in the study and in MLflow.
+5. Names the checkpoint to deploy (``stain_search.deploy.select``) in
+   ``summary.json`` and the closing lines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stain_search import tracking
-from stain_search.errors import ConfigError
-from stain_search.spaces import Resources, SearchSpec, load_space
+from ray.tune import Callback
 
-DEFAULT_STORAGE = "stain-search-runs"
+from stain_search import tracking
+from stain_search.config import Config
+from stain_search.context import Pruning, TrialContext
+from stain_search.errors import ConfigError, SearchInterrupted, StorageFull
+from stain_search.console import SearchConsole
+from stain_search.lock import DriverLock, is_locked, read_driver
+from stain_search.profiles import describe
+from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of
+from stain_search.spaces import Resources, SearchSpec, load_space
+from stain_search.weights import resolve_eval
+from stain_search.stopping import (StopCallback, Stopper, is_storage_error,
+                                   storage_error_message)
+
 # The trial function only waits on its TorchTrainer; the workers hold the real
 # CPUs/GPUs. Ray refuses an empty request, so the driver asks for a sliver.
 TRIAL_DRIVER_CPU = 0.01
@@ -37,61 +55,56 @@ EXPERIMENT_STATE_PERIOD_S = 1
 
 
 @dataclass
-class TrialSummary:
-    number: int
-    state: str
-    values: list[float] | None
-    params: dict[str, Any]
-    trial: str | None
-    run_id: str | None
-    checkpoints: str | None
+class SearchOutcome:
+    """What a finished driver run hands back to the command line."""
+
+    spec: SearchSpec
+    search_dir: SearchDir
+    record: SearchRecord
+    tracking_uri: str
+    selection: Any  # stain_search.deploy.select.Selection
+    elapsed_s: float
 
 
-def search_dir_for(storage: str | Path | None, name: str) -> Path:
-    return (Path(storage or DEFAULT_STORAGE) / name).resolve()
+# --- 1. validation, writing nothing --------------------------------------------------
+
+def resolve_budget(spec: SearchSpec, saved: SearchRecord | None, *, num_samples: int | None,
+                   max_concurrent: int | None) -> Budget:
+    """The recorded budget on resume (the space file's on a new search), with the
+    command line's overrides: ``--num-samples`` extends a search."""
+    base = saved.budget if saved is not None else Budget(spec.search.num_samples,
+                                                         spec.search.max_concurrent)
+    budget = Budget(num_samples if num_samples is not None else base.num_samples,
+                    max_concurrent if max_concurrent is not None else base.max_concurrent)
+    if budget.num_samples < 1 or budget.max_concurrent < 1:
+        raise ConfigError("--num-samples and --max-concurrent must be at least 1")
+    return budget
 
 
-def spec_record(spec: SearchSpec) -> dict[str, Any]:
-    """What identifies a search: resuming with a different one is refused."""
-    return {"name": spec.name, "base": spec.base, "params": [asdict(p) for p in spec.params],
-            "objectives": [asdict(o) for o in spec.objectives],
-            "search": asdict(spec.search), "resources": asdict(spec.resources)}
-
-
-def check_search_dir(spec: SearchSpec, search_dir: Path, *, resume: bool) -> bool:
-    """Refuse to mix two searches in one folder; True when it already exists.
-    Writes nothing (runs before the tracking store is touched)."""
-    record = json.loads(json.dumps(spec_record(spec), default=str))
-    saved_path = search_dir / "search.json"
-    if saved_path.exists():
-        try:
-            saved = json.loads(saved_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{saved_path}: unreadable ({err}); pass --name to start a "
-                              f"new search") from None
-        if saved != record:
-            raise ConfigError(
-                f"{search_dir}: a search named {spec.name!r} already exists with a different "
-                f"space; pass --name to start a new search (results are never mixed)")
-        if not resume:
-            raise ConfigError(f"{search_dir}: search {spec.name!r} already exists; pass "
-                              f"--resume to continue it or --name to start a new one")
-        return True
-    if resume:
-        raise ConfigError(f"{search_dir}: no search named {spec.name!r} to resume")
-    return False
-
-
-def prepare_search_dir(spec: SearchSpec, search_dir: Path, *, resume: bool) -> None:
-    if check_search_dir(spec, search_dir, resume=resume):
-        return
-    record = json.loads(json.dumps(spec_record(spec), default=str))
-    saved_path = search_dir / "search.json"
-    search_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec.path, search_dir / "space.yaml")
-    tmp = saved_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(saved_path)
+def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> SearchRecord | None:
+    """Refuse to mix two searches in one folder, or two drivers on one search.
+    Returns the saved record when the search exists (resume). Writes nothing."""
+    if not sdir.exists():
+        if resume:
+            raise ConfigError(f"{sdir.root}: no search named {spec.name!r} to resume")
+        return None
+    saved = sdir.read_record()
+    if saved.identity != identity_of(spec):
+        changed = [k for k in saved.identity if saved.identity[k] != identity_of(spec).get(k)]
+        raise ConfigError(
+            f"{sdir.root}: a search named {spec.name!r} already exists with a different "
+            f"{' and '.join(changed) or 'space'}; pass --name to start a new search "
+            f"(results are never mixed)")
+    if not resume:
+        raise ConfigError(f"{sdir.root}: search {spec.name!r} already exists; pass "
+                          f"--resume to continue it (or `stain-search resume {spec.name}`) "
+                          f"or --name to start a new one")
+    if is_locked(sdir.lock_file):
+        other = read_driver(sdir.driver_file)
+        who = f"pid {other.pid} on {other.host}, since {other.started}" if other else "another driver"
+        raise ConfigError(f"search {spec.name!r} is running ({who}); wait for it or stop it "
+                          f"before resuming")
+    return saved
 
 
 def verify_data(spec: SearchSpec) -> None:
@@ -100,6 +113,8 @@ def verify_data(spec: SearchSpec) -> None:
     d = spec.base_config().data
     verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
 
+
+# --- 2. Ray ---------------------------------------------------------------------------
 
 def git_commit() -> str | None:
     try:
@@ -110,122 +125,50 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def init_ray(address: str | None) -> bool:
-    """Connect to a cluster (--address / RAY_ADDRESS) or start a local one."""
+def init_ray(address: str | None, *, verbose: int = 0) -> bool:
+    """Connect to a cluster (--address / RAY_ADDRESS) or start a local one.
+    Quiet unless ``verbose``: the trials' own output goes to Ray's log files."""
+    import logging
+
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=bool(verbose), **quiet)
     else:
         # A private local cluster: no token auth needed, no dashboard to start.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        ray.init(include_dashboard=False, log_to_driver=bool(verbose),
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}, **quiet)
     return True
 
 
-def run_search(space: str | Path, *, data: str | None = None, name: str | None = None,
-               storage: str | Path | None = None, tracking_uri: str | None = None,
-               address: str | None = None, resume: bool = False,
-               num_samples: int | None = None, max_concurrent: int | None = None,
-               verbose: int = 1) -> list[TrialSummary]:
+def quiet_libraries() -> None:
+    """The search's console speaks for the search: MLflow's and Optuna's
+    informational logs, and Tune's experiment box (its newer reporter prints it
+    at any verbosity), stay quiet."""
+    import logging
+
+    import mlflow  # noqa: F401 - it configures its loggers on import: do that first
+    import optuna
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def ray_log_dir() -> str | None:
     import ray
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
-    from stain_search.study import StudySearcher, fail_stale_trials
-    from stain_search.trainables.cyclegan import cyclegan_trial
-
-    spec = load_space(space, data=data)
-    if name:
-        spec.name = name
-    if num_samples is not None:
-        spec.search.num_samples = num_samples
-    if max_concurrent is not None:
-        spec.search.max_concurrent = max_concurrent
-    search_dir = search_dir_for(storage, spec.name)
-    # Pre-flight, writing nothing: the folder is not another search's, every
-    # image decodes, and the tracking store answers.
-    check_search_dir(spec, search_dir, resume=resume)
-    verify_data(spec)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    c = tracking.client(uri)  # an unreachable store fails here, before anything is written
-    prepare_search_dir(spec, search_dir, resume=resume)
-    study_path = search_dir / "study.journal"
-    experiment_id = tracking.get_or_create_experiment(c, spec.name, uri=uri)
-    parent = tracking.start_search_run(
-        c, experiment_id, search=spec.name, objective=[asdict(o) for o in spec.objectives],
-        study=study_path, search_dir=search_dir,
-        artifacts=[search_dir / "space.yaml", search_dir / "search.json"])
-    if not resume:
-        tracking.log_params(c, parent, {"space": str(spec.path), "git_commit": git_commit(),
-                                        "num_samples": spec.search.num_samples,
-                                        "algorithm": spec.search.algorithm})
-    else:
-        tracking.fail_orphans(c, experiment_id, search=spec.name)
-    ctx = {"search": spec.name, "search_dir": str(search_dir),
-           "space_path": str(search_dir / "space.yaml"), "data": spec.base.get("data.path"), "study_path": str(study_path), "tracking_uri": uri,
-           "experiment_id": experiment_id, "parent_run_id": parent,
-           "base_config": spec.base_config().to_dict(),
-           "objectives": [asdict(o) for o in spec.objectives],
-           "resources": asdict(spec.resources)}
-    started = init_ray(address)
-    # Tune saves its experiment state at most every 10 s by default; a driver
-    # killed in that window forgets trials it had started (the study then
-    # holds them as orphans, failed on resume). Its state is a few KiB: save
-    # it every second instead (the environment can still say otherwise).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
     try:
-        searcher = StudySearcher(spec, study_path)
-        tune_dir = search_dir / "tune"
-        trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
-                                        trial_resources(spec.resources))
-        if resume and tune.Tuner.can_restore(str(tune_dir)):
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-        else:
-            first = spec.objectives[0]
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent),
-                    num_samples=spec.search.num_samples, metric=first.metric, mode=first.mode,
-                    # in_trial: the next trial runs in the finished trial's
-                    # process (torch, CUDA context and data already loaded):
-                    # ~5.7 s less per trial on 2 CPU cores (bench/overhead.py).
-                    reuse_actors=spec.resources.resolved_executor == "in_trial",
-                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                run_config=tune.RunConfig(
-                    name="tune", storage_path=str(search_dir),
-                    # in_trial: Tune restarts a lost trial (from its folder's
-                    # checkpoint); ray_train: Ray Train restarts lost workers.
-                    failure_config=tune.FailureConfig(
-                        max_failures=(spec.resources.max_failures
-                                      if spec.resources.resolved_executor == "in_trial" else 0),
-                        fail_fast=False),
-                    verbose=verbose))
-        t0 = time.perf_counter()
-        tuner.fit()
-        elapsed = time.perf_counter() - t0
-        # Every Tune trial has ended: a study trial still RUNNING was asked for
-        # by a driver that died before Tune recorded it. It will never finish.
-        fail_stale_trials(searcher.study, keep_numbers=set())
-    except BaseException:
-        tracking.end_search_run(c, parent, status="FAILED")
-        raise
-    finally:
-        if started:
-            ray.shutdown()
-    summary = summarize(spec, search_dir, c, experiment_id)
-    tracking.end_search_run(c, parent, summary={"best": [asdict(s) for s in summary],
-                                                "elapsed_s": elapsed})
-    (search_dir / "summary.json").write_text(json.dumps([asdict(s) for s in summary], indent=2))
-    return summary
+        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
+    except AttributeError:  # a client connection (ray://) has no local session
+        return None
 
 
 def trial_resources(resources: Resources) -> dict[str, float]:
@@ -237,47 +180,246 @@ def trial_resources(resources: Resources) -> dict[str, float]:
             **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker > 0 else {})}
 
 
-def trial_name(trial) -> str:
+def tune_trial_name(trial) -> str:
     # Short and deterministic (the default embeds every config value).
-    return f"trial_{trial.trial_id}"
+    return f"tune_{trial.trial_id}"
 
 
-def summarize(spec: SearchSpec, search_dir: Path, c, experiment_id: str) -> list[TrialSummary]:
-    """The best trial (or the Pareto front), joined with MLflow and checkpoints."""
-    import optuna
-
-    from stain_search.study import load_study
-
-    study = load_study(spec, search_dir / "study.journal")
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        return []
-    best = study.best_trials if spec.multi_objective else [study.best_trial]
-    runs = {r.data.tags.get(tracking.OPTUNA_TRIAL): r
-            for r in tracking.trial_runs(c, experiment_id, search=spec.name)}
-    out = []
-    for t in best:
-        run = runs.get(str(t.number))
-        tags = run.data.tags if run else {}
-        out.append(TrialSummary(number=t.number, state=t.state.name, values=list(t.values),
-                                params=t.params, trial=tags.get(tracking.TRIAL),
-                                run_id=run.info.run_id if run else None,
-                                checkpoints=tags.get(tracking.CHECKPOINTS)))
-    return out
+def next_tune_run(sdir: SearchDir) -> str:
+    """Each driver run gets its own Tune experiment folder (logs only)."""
+    runs = [p for p in sdir.tune.glob("run-*") if p.is_dir()] if sdir.tune.is_dir() else []
+    return f"run-{len(runs) + 1}"
 
 
-def format_summary(spec: SearchSpec, summary: list[TrialSummary], *, uri: str) -> str:
-    if not summary:
-        return "no trial completed: nothing to rank (see the trial table above and MLflow)"
-    names = [o.metric for o in spec.objectives]
-    title = "Pareto front" if spec.multi_objective else "best trial"
-    lines = [f"{title} of search {spec.name!r} ({', '.join(f'{o.metric} {o.mode}' for o in spec.objectives)}):"]
-    for s in summary:
-        vals = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, s.values or []))
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in s.params.items())
-        lines.append(f"  #{s.number} {s.trial}: {vals}  [{params}]")
-        lines.append(f"      checkpoints: {s.checkpoints}")
-        lines.append(f"      mlflow run:  {s.run_id}")
-    lines.append(f"MLflow store: {uri}  (stain-search ui)")
+class ParentProgress(Callback):
+    """The search's progress as one chart in MLflow: the best objective value
+    any trial has reported, logged on the parent run at each finished trial."""
+
+    def __init__(self, client, parent_run_id: str, objective, *, finished_before: int):
+        self.client, self.parent, self.objective = client, parent_run_id, objective
+        self.finished = finished_before
+        self.best: float | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["client"] = None  # Tune pickles its callbacks with the Tuner
+        return state
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.objective.metric)
+        if isinstance(value, (int, float)) and value == value:
+            better = min if self.objective.mode == "min" else max
+            self.best = value if self.best is None else better(self.best, value)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        if self.best is not None and self.client is not None:
+            tracking.log_best_so_far(self.client, self.parent, self.objective.metric,
+                                     self.best, step=self.finished)
+
+
+# --- the driver -------------------------------------------------------------------------
+
+def run_search(space: str | Path, *, data: str | None = None, name: str | None = None,
+               storage: str | Path | None = None, tracking_uri: str | None = None,
+               address: str | None = None, resume: bool = False,
+               num_samples: int | None = None, max_concurrent: int | None = None,
+               profile: str | None = None, verbose: int = 1, live: bool = False,
+               say=None) -> SearchOutcome:
+    """Run (or resume) a search. ``verbose`` 0 shows the search's own console
+    (``stain_search.console``: a live view if ``live``, else a line per trial)
+    through ``say`` (print); 1 or more, Ray Tune's tables and every trial's
+    output, as Ray prints them."""
+    spec = load_space(space, data=data, profile=profile)
+    if name:
+        spec.name = name
+    say = say or (lambda line: None)
+    if not verbose:
+        quiet_libraries()
+    sdir = SearchDir.of(storage, spec.name)
+    # Pre-flight, writing nothing: the folder is not another search's, no
+    # driver runs it, every image decodes, and the tracking store answers.
+    saved = check_search_dir(spec, sdir, resume=resume)
+    budget = resolve_budget(spec, saved, num_samples=num_samples, max_concurrent=max_concurrent)
+    spec.search.num_samples, spec.search.max_concurrent = budget.num_samples, budget.max_concurrent
+    verify_data(spec)
+    # The evaluation features, resolved once here: every trial then uses exactly
+    # these, and no worker looks for weights or decides differently on a node
+    # with other files.
+    base_config = resolve_eval(spec.base_config())
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(uri)  # an unreachable store fails here, before anything is written
+    try:
+        with DriverLock(sdir.lock_file, sdir.driver_file, name=spec.name):
+            return _drive(spec, sdir, saved, budget, base_config, client, uri,
+                          address=address, verbose=verbose, live=live, say=say)
+    except OSError as err:
+        if is_storage_error(err):
+            raise StorageFull(f"search {spec.name!r}: {storage_error_message(err)} "
+                              f"(`stain-search resume {spec.name}`)") from None
+        raise
+
+
+def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
+            budget: Budget) -> SearchRecord:
+    if saved is None:
+        return sdir.create(spec, budget=budget)
+    record = dataclasses.replace(saved, budget=budget)
+    sdir.write_record(record)
+    return record
+
+
+def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget: Budget,
+           base_config: Config, client, uri: str, *, address: str | None,
+           verbose: int, live: bool, say) -> SearchOutcome:
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from stain_search.study import (StudySearcher, create_study, fail_stale_trials,
+                                    finished_count, unfinished_numbers)
+    from stain_search.trainables.cyclegan import cyclegan_trial
+
+    record = _record(spec, sdir, saved, budget)
+    experiment_id = tracking.get_or_create_experiment(client, spec.name, uri=uri)
+    parent = tracking.start_search_run(
+        client, experiment_id, search=spec.name, search_id=record.search_id,
+        objective=[asdict(o) for o in spec.objectives], study=sdir.study_journal,
+        search_dir=sdir.root, artifacts=[sdir.space_file, sdir.record_file])
+    tracking.log_params(client, parent, {"space": str(spec.path), "git_commit": git_commit(),
+                                         "num_samples": budget.num_samples,
+                                         "algorithm": spec.search.algorithm}
+                        if saved is None else {})
+    ctx = TrialContext(search=spec.name, search_id=record.search_id, search_dir=sdir,
+                       tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
+                       base_config=base_config, objectives=tuple(spec.objectives),
+                       resources=spec.resources,
+                       pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
+    study = create_study(spec, sdir.study_journal)
+    unfinished = unfinished_numbers(study)  # interrupted: continued first
+    new = max(0, budget.num_samples - finished_count(study) - len(unfinished))
+    stopper = Stopper()
+    t0 = time.perf_counter()
+    say(f"search {describe(spec)}")
+    say(f"  {sdir.root}: " + (f"resumed, {len(unfinished)} interrupted trial(s) continue, "
+                              f"{new} new" if saved is not None else f"{new} trial(s)"))
+    if unfinished or new:
+        started = init_ray(address, verbose=verbose)
+        say(f"logs: trials' output in {ray_log_dir() or 'the Ray cluster'}, Tune's in "
+            f"{sdir.tune}")
+        # Tune saves its experiment state at most every 10 s by default; its
+        # state is a few KiB: every second costs nothing.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
+
+        def on_result(trial_id: str, result: dict) -> None:
+            if result.get("storage_error"):
+                stopper.request("storage", str(result["storage_error"]))
+
+        searcher = StudySearcher(spec, sdir.study_journal, resume=unfinished,
+                                 stopping=lambda: stopper.stopping, on_result=on_result)
+        trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
+                                        trial_resources(spec.resources))
+        first = spec.objectives[0]
+        in_trial = spec.resources.resolved_executor == "in_trial"
+        states = [t.state.name for t in study.trials]
+        callbacks = [StopCallback(stopper),
+                     ParentProgress(client, parent, first, finished_before=finished_count(study))]
+        if not verbose:
+            callbacks.append(SearchConsole(
+                name=spec.name, objectives=spec.objectives, num_samples=budget.num_samples,
+                max_concurrent=budget.max_concurrent, epochs=base_config.train.epochs,
+                done_before={"complete": states.count("COMPLETE"),
+                             "pruned": states.count("PRUNED"), "failed": states.count("FAIL")},
+                live=live))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=budget.max_concurrent),
+                num_samples=len(unfinished) + new, metric=first.metric, mode=first.mode,
+                # in_trial: the next trial runs in the finished trial's process
+                # (torch, CUDA context and data already loaded): ~5.7 s less per
+                # trial on 2 CPU cores (bench/overhead.py).
+                reuse_actors=in_trial,
+                trial_name_creator=tune_trial_name, trial_dirname_creator=tune_trial_name),
+            run_config=tune.RunConfig(
+                name=next_tune_run(sdir), storage_path=str(sdir.tune),
+                callbacks=callbacks,
+                # in_trial: Tune restarts a lost trial (from its folder's
+                # checkpoint); ray_train: Ray Train restarts lost workers.
+                failure_config=tune.FailureConfig(
+                    max_failures=spec.resources.max_failures if in_trial else 0,
+                    fail_fast=False),
+                verbose=verbose))
+        try:
+            with stopper:
+                if not stopper.stopping:
+                    tuner.fit()
+        except BaseException:
+            tracking.end_search_run(client, parent, status="FAILED")
+            raise
+        finally:
+            for callback in callbacks:
+                if isinstance(callback, SearchConsole):
+                    callback.close()
+            if started:
+                ray.shutdown()
+    elapsed = time.perf_counter() - t0
+    if stopper.stopping:
+        tracking.end_search_run(client, parent, status="KILLED")
+        if stopper.reason.kind == "storage":
+            raise StorageFull(f"search {spec.name!r} stopped: {stopper.reason.detail} "
+                              f"(`stain-search resume {spec.name}`)")
+        raise SearchInterrupted(spec.name, stopper.reason.detail)
+    # Every Tune trial ended normally: what is still RUNNING can never finish.
+    fail_stale_trials(study, keep_numbers=set())
+    tracking.fail_orphans(client, experiment_id, search=spec.name, search_id=record.search_id)
+    selection = deploy_selection(sdir, uri)
+    summary = summary_record(selection, elapsed)
+    sdir.summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    tracking.end_search_run(client, parent, summary=summary)
+    return SearchOutcome(spec=spec, search_dir=sdir, record=record, tracking_uri=uri,
+                         selection=selection, elapsed_s=elapsed)
+
+
+# --- 5. the checkpoint to deploy ------------------------------------------------------------
+
+def deploy_selection(sdir: SearchDir, uri: str):
+    from stain_search.deploy.select import select_dir
+
+    return select_dir(sdir, tracking_uri=uri)
+
+
+def summary_record(selection, elapsed_s: float) -> dict[str, Any]:
+    best = selection.best()
+    return {"search": selection.search, "search_id": selection.search_id,
+            "objectives": [{"metric": m, "mode": mode} for m, mode in selection.objectives],
+            "rule": selection.rule,
+            "deploy": None if best is None else {
+                "trial": best.trial, "number": best.number, "epoch": best.epoch,
+                "state": best.state, "metrics": best.metrics, "params": best.params,
+                "checkpoint": str(best.checkpoint), "run_id": best.run_id},
+            "front": [{"trial": c.trial, "number": c.number, "epoch": c.epoch}
+                      for c in selection.front] if selection.multi_objective else None,
+            "elapsed_s": elapsed_s}
+
+
+def format_summary(outcome: SearchOutcome) -> str:
+    selection = outcome.selection
+    best = selection.best()
+    if best is None:
+        why = "; ".join(f"{n} {r}" for r, n in selection.dropped.items()) or "no checkpoints"
+        return (f"search {selection.search!r}: no checkpoint to deploy ({why}); "
+                f"`stain-search status {selection.search}` shows the trials")
+    goal = ", ".join(f"{m} {mode}" for m, mode in selection.objectives)
+    vals = ", ".join(f"{m}={best.metrics[m]:.4g}" for m, _ in selection.objectives)
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in best.params.items())
+    lines = [f"search {selection.search!r} ({goal}), deploy rule: {selection.rule}",
+             f"  deploy: #{best.number} {best.trial} at epoch {best.epoch}: {vals}  [{params}]",
+             f"      checkpoint: {best.checkpoint}",
+             f"      mlflow run: {best.run_id}"]
+    if selection.multi_objective:
+        lines.append(f"  Pareto front: {len(selection.front)} checkpoint(s) "
+                     f"(`stain-search best {selection.search}` lists them)")
+    lines.append(f"MLflow store: {outcome.tracking_uri}  (stain-search ui)")
     return "\n".join(lines)

@@ -7,25 +7,36 @@ pruners, and keeps its study in memory unless given a storage. Here the
 study lives in a journal file beside the search (``optuna-dashboard
 study.journal`` opens it), early stopping is Optuna pruning decided from
 that same study by the trial's rank-0 worker, and a pruned trial is told to
-the study as PRUNED — never as a complete result.
+the study as PRUNED, never as a complete result.
+
+The study is the search's one record of its trials: a resumed search
+continues every trial the study still holds as RUNNING (interrupted: its
+folder has its checkpoints) before it asks for new ones, and tops the study
+up to ``num_samples`` finished trials. Tune's own experiment state is not
+needed for that.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from ray.tune.search import Searcher
 
+from stain_search.context import Pruning
 from stain_search.spaces import SearchSpec, suggest
 
 log = logging.getLogger(__name__)
 
 # Keys the searcher adds to each trial's config beside the suggested values.
 OPTUNA_TRIAL_ID, OPTUNA_NUMBER, PARAMS = "optuna_trial_id", "optuna_number", "params"
+TS = optuna.trial.TrialState
+FINISHED = (TS.COMPLETE, TS.PRUNED, TS.FAIL)
 
 
 def storage(path: Path) -> optuna.storages.JournalStorage:
@@ -35,26 +46,34 @@ def storage(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-SAMPLERS = {
-    "tpe": lambda seed, multi: optuna.samplers.TPESampler(
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    # TPE handles one objective and several (multi-objective TPE, Ozaki et al.,
+    # 2020): the better choice for Pareto searches under ~100 trials.
+    "tpe": lambda seed, population: optuna.samplers.TPESampler(
         seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4),
-    "random": lambda seed, multi: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda seed, multi: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+    "random": lambda seed, population: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed, population: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=population),
+}
+
+PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
+    "none": lambda p: optuna.pruners.NopPruner(),
+    # Median rule (Golovin et al., 2017): stop a trial whose best-so-far is
+    # worse than the median of others' at the same epoch.
+    "median": lambda p: optuna.pruners.MedianPruner(n_startup_trials=p.min_trials,
+                                                    n_warmup_steps=p.grace_period),
+    # Asynchronous successive halving (Li et al., 2020), Optuna's version.
+    "successive_halving": lambda p: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=p.grace_period, reduction_factor=2),
 }
 
 
-def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
-    es = spec.search.early_stopping
-    return {
-        "none": lambda: optuna.pruners.NopPruner(),
-        # Median rule (Golovin et al., 2017): stop a trial whose best-so-far is
-        # worse than the median of others' at the same epoch.
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=es.min_trials,
-                                                      n_warmup_steps=es.grace_period),
-        # Asynchronous successive halving (Li et al., 2020), Optuna's version.
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=es.grace_period, reduction_factor=2),
-    }[es.pruner]()
+def make_pruner(pruning: Pruning) -> optuna.pruners.BasePruner:
+    if pruning.multi_objective:
+        # Optuna prunes single-objective studies only; a Pareto search's median
+        # rule is applied by TrialPruning itself (below).
+        return optuna.pruners.NopPruner()
+    return PRUNERS[pruning.pruner](pruning)
 
 
 def create_study(spec: SearchSpec, path: Path) -> optuna.Study:
@@ -63,56 +82,105 @@ def create_study(spec: SearchSpec, path: Path) -> optuna.Study:
     # suggest the same points again): offset the seed by the trials so far.
     done = 0 if fresh else len(optuna.load_study(study_name=spec.name,
                                                  storage=storage(path)).trials)
-    sampler = SAMPLERS[spec.search.algorithm](spec.search.seed + done, spec.multi_objective)
+    sampler = SAMPLERS[spec.search.algorithm](spec.search.seed + done,
+                                              spec.search.population_size)
     study = optuna.create_study(
         study_name=spec.name, storage=storage(path), sampler=sampler,
-        pruner=make_pruner(spec), load_if_exists=True,
+        pruner=make_pruner(Pruning.of(spec.search.early_stopping, spec.objectives)),
+        load_if_exists=True,
         directions=["minimize" if o.mode == "min" else "maximize" for o in spec.objectives])
     if fresh:  # a resumed study already holds them
+        # optuna-dashboard and the study's own plots then name the axes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.metric for o in spec.objectives])
         for point in spec.search.enqueue or []:
             study.enqueue_trial(dict(point))
     return study
 
 
+def open_study(name: str, path: Path, *, pruning: Pruning | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage(path),
+                             pruner=make_pruner(pruning) if pruning else None)
+
+
 def load_study(spec: SearchSpec, path: Path) -> optuna.Study:
-    return optuna.load_study(study_name=spec.name, storage=storage(path),
-                             pruner=make_pruner(spec))
+    return open_study(spec.name, path,
+                      pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
 
 
-def pruning_metric(spec: SearchSpec) -> str:
-    # Reported every epoch even without a pruner: the study then holds each
-    # trial's learning curve (optuna-dashboard, analysis); NopPruner never prunes.
-    return spec.search.early_stopping.metric or spec.objectives[0].metric
+def median_prunes(study: optuna.Study, trial_id: int, *, pruning: Pruning, step: int) -> bool:
+    """The median rule on one named metric, for studies Optuna will not prune
+    (several objectives): the trial's best value so far is worse than the median
+    of the other trials' best values up to the same epoch, with at least
+    ``min_trials`` finished (COMPLETE) trials to compare against."""
+    if step <= pruning.grace_period:
+        return False
+    better = min if pruning.mode == "min" else max
+    trial = study._storage.get_trial(trial_id)
+    own = [v for s, v in trial.intermediate_values.items() if s <= step and math.isfinite(v)]
+    if not own:
+        return False
+    others = []
+    for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED)):
+        values = [v for s, v in t.intermediate_values.items() if s <= step and math.isfinite(v)]
+        if values and t._trial_id != trial_id:
+            others.append(better(values))
+    if len([t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))]) < pruning.min_trials:
+        return False
+    if not others:
+        return False
+    others.sort()
+    mid = len(others) // 2
+    median = others[mid] if len(others) % 2 else 0.5 * (others[mid - 1] + others[mid])
+    mine = better(own)
+    return mine > median if pruning.mode == "min" else mine < median
 
 
 class TrialPruning:
     """Used by a trial's rank-0 worker: report an epoch, ask whether to stop."""
 
-    def __init__(self, spec: SearchSpec, path: Path, trial_id: int):
-        self.metric = pruning_metric(spec)
-        self.study = load_study(spec, path)
+    def __init__(self, name: str, path: Path, trial_id: int, pruning: Pruning):
+        self.pruning = pruning
+        self.metric = pruning.metric
+        self.study = open_study(name, path, pruning=pruning)
+        self.trial_id = trial_id
         self.trial = optuna.trial.Trial(self.study, trial_id)
-        self.multi = spec.multi_objective
 
     def should_prune(self, metrics: dict[str, Any], *, epoch: int) -> bool:
         if self.metric not in metrics:
             return False
-        if self.multi:
-            # Optuna cannot prune multi-objective studies through trial.report;
-            # the median rule is applied on the chosen metric's history instead.
-            return False
-        self.trial.report(float(metrics[self.metric]), step=epoch)
-        return self.trial.should_prune()
+        value = float(metrics[self.metric])
+        if not self.pruning.multi_objective:
+            self.trial.report(value, step=epoch)
+            return self.trial.should_prune()
+        # Trial.report refuses multi-objective studies; the storage keeps the
+        # curve all the same (optuna-dashboard shows it), and the rule is ours.
+        self.study._storage.set_trial_intermediate_value(self.trial_id, epoch, value)
+        return (self.pruning.pruner == "median"
+                and median_prunes(self.study, self.trial_id, pruning=self.pruning, step=epoch))
 
 
 class StudySearcher(Searcher):
-    """A Ray Tune Searcher backed by a persistent Optuna study (ask/tell)."""
+    """A Ray Tune Searcher backed by a persistent Optuna study (ask/tell).
 
-    def __init__(self, spec: SearchSpec, study_path: Path):
+    ``resume`` lists study trials (numbers) to continue before asking for new
+    ones. ``stopping()`` says the driver is stopping (Ctrl-C, SIGTERM, a full
+    disk): trials that end then without a final result are not told to the
+    study, so they stay RUNNING and the next resume continues them.
+    ``on_result`` sees every result first (the driver watches for storage
+    errors and progress there)."""
+
+    def __init__(self, spec: SearchSpec, study_path: Path, *, resume: list[int] = (),
+                 stopping: Callable[[], bool] = lambda: False,
+                 on_result: Callable[[str, dict], None] | None = None):
         first = spec.objectives[0]
         super().__init__(metric=first.metric, mode=first.mode)
         self.spec = spec
         self.study_path = Path(study_path)
+        self.resume = list(resume)
+        self.stopping = stopping
+        self.on_result = on_result
         self._study: optuna.Study | None = None
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
 
@@ -125,31 +193,43 @@ class StudySearcher(Searcher):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_study"] = None  # file handles and locks do not travel
+        state["stopping"] = None
+        state["on_result"] = None
         return state
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.stopping():
+            # FINISHED, not None ("not ready yet"): with no trial running, Tune
+            # would otherwise wait up to 10 minutes for one before it stops.
+            return Searcher.FINISHED
+        if self.resume:
+            number = self.resume.pop(0)
+            frozen = self.study.trials[number]
+            self.numbers[trial_id] = number
+            return {PARAMS: dict(frozen.params), OPTUNA_TRIAL_ID: frozen._trial_id,
+                    OPTUNA_NUMBER: number}
         trial = self.study.ask()
         values = suggest(trial, self.spec.params)
         self.numbers[trial_id] = trial.number
         return {PARAMS: values, OPTUNA_TRIAL_ID: trial._trial_id, OPTUNA_NUMBER: trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._remember(trial_id, result)
-
-    def _remember(self, trial_id: str, result: dict | None) -> int | None:
-        # After a driver crash the restored searcher may predate this trial's
-        # suggestion; Tune's results carry the trial config, which names it.
-        number = (result or {}).get("config", {}).get(OPTUNA_NUMBER)
-        if number is not None and trial_id not in self.numbers:
-            self.numbers[trial_id] = int(number)
-        return self.numbers.get(trial_id)
+        if self.on_result is not None:
+            self.on_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        number = self._remember(trial_id, result)
+        number = self.numbers.get(trial_id)
         if number is None:
-            return  # never suggested here; fail_stale_trials settles it
-        frozen = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number))
+            return  # never suggested here
+        if result and self.on_result is not None:
+            self.on_result(trial_id, result)
+        final = bool(result) and (result.get("done") or result.get("pruned")
+                                  or result.get("diverged"))
+        if self.stopping() and not final or (result or {}).get("storage_error"):
+            return  # interrupted: stays RUNNING, and the next resume continues it
+        frozen = self.study._storage.get_trial(
+            self.study._storage.get_trial_id_from_study_id_trial_number(
+                self.study._study_id, number))
         if frozen.state.is_finished():
             return
         state, values = outcome(self.spec, result, error=error)
@@ -157,24 +237,20 @@ class StudySearcher(Searcher):
             self.study.tell(number, values, state=state, skip_if_finished=True)
         except (ValueError, RuntimeError) as err:  # e.g. a NaN objective
             log.warning("trial %s: telling the study failed (%s); recording it as failed", number, err)
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            self.study.tell(number, state=TS.FAIL, skip_if_finished=True)
 
-    def get_state(self) -> dict:
-        return {"numbers": self.numbers}
 
-    def set_state(self, state: dict) -> None:
-        self.numbers = dict(state.get("numbers", {}))
-
+    # Tune checkpoints its searcher with the experiment. The study is the
+    # search's record; this only keeps Tune's trial ids → Optuna numbers.
     def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
+        Path(checkpoint_path).write_text(json.dumps({"numbers": self.numbers}))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+        self.numbers = dict(json.loads(Path(checkpoint_path).read_text()).get("numbers", {}))
 
 
 def outcome(spec: SearchSpec, result: dict | None, *, error: bool):
     """(state, values) to tell the study for a trial's final result."""
-    TS = optuna.trial.TrialState
     if error or not result or result.get("diverged"):
         return TS.FAIL, None
     if result.get("pruned"):
@@ -185,11 +261,21 @@ def outcome(spec: SearchSpec, result: dict | None, *, error: bool):
     return TS.COMPLETE, values if spec.multi_objective else values[0]
 
 
+def unfinished_numbers(study: optuna.Study) -> list[int]:
+    """Trials a stopped driver left RUNNING: the next run continues them."""
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TS.RUNNING,))]
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
 def fail_stale_trials(study: optuna.Study, keep_numbers: set[int]) -> int:
-    """Trials asked for by a driver that died before Tune recorded them."""
+    """Trials still RUNNING after every Tune trial ended normally (not stopped):
+    nothing will ever finish them."""
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    for t in study.get_trials(deepcopy=False, states=(TS.RUNNING,)):
         if t.number not in keep_numbers:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            study.tell(t.number, state=TS.FAIL, skip_if_finished=True)
             n += 1
     return n

@@ -24,7 +24,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # The smallest model that still is the real one: 32 px crops, depth 3, width 8.
 TINY_BASE = {
-    "data.crop": 32, "data.batch_size": 2, "data.eval_images": 4,
+    "data.crop": 32, "data.batch_size": 2, "data.eval_crops": 4,
     "model.depth": 3, "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2,
     "train.epochs": 3, "train.steps_per_epoch": 3,
 }
@@ -45,7 +45,7 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
         description: tiny test search
         data: {data}
         base:
-        """) + base_lines + "\n" + textwrap.dedent(f"""\
+        """) + base_lines + "\n" + textwrap.dedent("""\
         space:
         """) + space + extra_space + textwrap.dedent(f"""\
         objective: {objective}
@@ -70,7 +70,7 @@ class FinishedSearch:
     search_dir: Path
     tracking_uri: str
     space_file: Path
-    summary: list
+    outcome: object  # stain_search.search.SearchOutcome
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +94,6 @@ def finished_search(tmp_path_factory) -> FinishedSearch:
                      " {optim.lr_g: 4.0e-4, loss.lambda_cycle: 5},"
                      " {optim.lr_g: 1.0e-7, loss.lambda_cycle: 10}]"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    summary = run_search(space, storage=root / "runs", tracking_uri=uri, verbose=0)
+    outcome = run_search(space, storage=root / "runs", tracking_uri=uri, verbose=0)
     return FinishedSearch(name="tiny", root=root, search_dir=root / "runs" / "tiny",
-                          tracking_uri=uri, space_file=space, summary=summary)
+                          tracking_uri=uri, space_file=space, outcome=outcome)

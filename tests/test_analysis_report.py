@@ -25,8 +25,9 @@ from stain_search.analysis.load import load_search
 from stain_search.analysis.report import analyse, write_report
 from stain_search.checkpoint import checkpoint_name, write_checkpoint
 from stain_search.cli import main
+from stain_search.deploy.select import select
 from stain_search.gan import CycleGAN
-from stain_search.search import prepare_search_dir, search_dir_for
+from stain_search.search_dir import SearchDir
 from stain_search.spaces import load_space, suggest
 from stain_search.study import create_study
 
@@ -65,13 +66,14 @@ def fake(tmp_path_factory):
     space = root / "space.yaml"
     space.write_text(space_yaml(NAME))
     spec = load_space(space)
-    search_dir = search_dir_for(root / "runs", NAME)
-    prepare_search_dir(spec, search_dir, resume=False)
+    sdir = SearchDir.of(root / "runs", NAME)
+    search_id = sdir.create(spec).search_id
+    search_dir = sdir.root
     study = create_study(spec, search_dir / "study.journal")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     c = tracking.client(uri)
     exp = tracking.get_or_create_experiment(c, NAME, uri=uri)
-    parent = tracking.start_search_run(c, exp, search=NAME, objective=[], study=search_dir,
+    parent = tracking.start_search_run(c, exp, search=NAME, search_id=search_id, objective=[], study=search_dir,
                                        search_dir=search_dir)
     torch.manual_seed(0)
     model = CycleGAN(spec.base_config(), device=torch.device("cpu"))
@@ -81,7 +83,8 @@ def fake(tmp_path_factory):
         params = suggest(trial, spec.params)
         config = spec.trial_config(params)
         name = f"trial_{i:04d}"
-        run = tracking.start_trial_run(c, exp, parent_run_id=parent, search=NAME, trial=name,
+        run = tracking.start_trial_run(c, exp, parent_run_id=parent, search=NAME,
+                                       search_id=search_id, trial=name,
                                        optuna_trial=trial.number, params=config.flat(),
                                        searched=params, checkpoints=search_dir / "trials" / name)
         metrics = {}
@@ -206,23 +209,31 @@ def test_pareto_search_through_the_cli(fake, tmp_path, capsys):
     space.write_text(space_yaml(name, objective=(
         "[{metric: frechet, mode: min}, {metric: ssim_structure, mode: max}]")))
     spec = load_space(space)
-    search_dir = search_dir_for(fake["storage"], name)
-    prepare_search_dir(spec, search_dir, resume=False)
+    sdir = SearchDir.of(fake["storage"], name)
+    search_id = sdir.create(spec).search_id
+    search_dir = sdir.root
     study = create_study(spec, search_dir / "study.journal")
+    torch.manual_seed(0)
+    model = CycleGAN(spec.base_config(), device=torch.device("cpu"))
     c = tracking.client(fake["uri"])
     exp = tracking.get_or_create_experiment(c, name, uri=fake["uri"])
-    parent = tracking.start_search_run(c, exp, search=name, objective=[], study=search_dir,
+    parent = tracking.start_search_run(c, exp, search=name, search_id=search_id, objective=[], study=search_dir,
                                        search_dir=search_dir)
     for i, (lam, fd, ssim) in enumerate(PARETO):
         study.enqueue_trial({"loss.lambda_cycle": lam, "loss.lambda_identity": 0.5})
         trial = study.ask()
         params = suggest(trial, spec.params)
         run = tracking.start_trial_run(c, exp, parent_run_id=parent, search=name,
-                                       trial=f"trial_{i}", optuna_trial=trial.number,
+                                       search_id=search_id, trial=f"trial_{i}", optuna_trial=trial.number,
                                        params=spec.trial_config(params).flat(), searched=params,
                                        checkpoints=search_dir / "trials" / f"trial_{i}")
-        tracking.log_epoch(c, run, {"fd_random": fd, "ssim_structure": ssim, "loss_G": 1.0,
-                                    "output_diversity": 0.9}, epoch=1)
+        metrics = {"fd_random": fd, "ssim_structure": ssim, "loss_G": 1.0,
+                   "output_diversity": 0.9}
+        tracking.log_epoch(c, run, metrics, epoch=1)
+        write_checkpoint(search_dir / "trials" / f"trial_{i}" / checkpoint_name(1),
+                         state=model.state_dict_full(),
+                         meta={"epoch": 1, "metrics": metrics,
+                               "config": spec.trial_config(params).to_dict()})
         study.tell(trial.number, [fd, ssim])
         tracking.end_trial_run(c, run, status="finished")
 
@@ -234,7 +245,6 @@ def test_pareto_search_through_the_cli(fake, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and printed[-1] == str(out)
     assert f"trials × epochs: {tmp_path / 't.parquet'}" in printed
-    assert any(line.startswith("note: ") and "no checkpoint found" in line for line in printed)
     page = out.read_text()
     assert "Pareto front" in page and 'href="http://mlflow.example:8080/#/experiments/' in page
     assert (tmp_path / "pareto_figures" / "pareto.png").stat().st_size > 5_000
@@ -244,8 +254,11 @@ def test_pareto_search_through_the_cli(fake, tmp_path, capsys):
     table = analysis.table
     assert set(table.loc[analysis.front, "number"]) == {t.number for t in study.best_trials}
     assert set(table.loc[analysis.front, "number"]) == {0, 1, 2}
-    assert analysis.chosen == "trial_1"  # the front's compromise
-    assert list(table["number"][:3]) in ([1, 0, 2], [1, 2, 0])  # the front first
+    # The deploy rule: on the front, the best first objective (fd 10), as `best` says.
+    assert (analysis.chosen, analysis.chosen_epoch) == ("trial_0", 1)
+    best = select(name, storage=fake["storage"], tracking_uri=fake["uri"]).best()
+    assert (best.trial, best.epoch) == (analysis.chosen, analysis.chosen_epoch)
+    assert list(table["number"]) == [0, 1, 2, 3, 4]  # the front by fd, then the rest
 
 
 # --- the page in a real browser ------------------------------------------------

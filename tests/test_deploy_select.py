@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -11,15 +12,9 @@ from stain_search import tracking
 from stain_search.checkpoint import list_checkpoints, read_meta, write_checkpoint
 from stain_search.cli import main
 from stain_search.deploy.export import load_model
-from stain_search.deploy.select import (Constraint, pareto_ranks, parse_constraint, pick,
-                                        select)
+from stain_search.deploy.select import Constraint, parse_constraint, pick, select
 from stain_search.errors import ConfigError
 from stain_search.study import storage
-
-
-def test_pareto_ranks_by_hand():
-    points = [[1, 5], [2, 2], [5, 1], [3, 3], [6, 6], [2, 2]]  # all minimised
-    assert pareto_ranks(points) == [1, 1, 1, 2, 3, 1]
 
 
 def test_constraints_parse_and_hold():
@@ -169,3 +164,36 @@ def test_multi_objective_search_lists_the_pareto_front(tmp_path):
     assert not (tmp_path / "absent.db").exists()  # reading never creates a store
     flags = {(c["trial"], c["epoch"]): c["pareto"] for c in selection.to_dict()["candidates"]}
     assert sum(flags.values()) == 3
+
+
+def _candidate(trial: str, number: int, epoch: int, kd: float, std: float):
+    from stain_search.deploy.select import Candidate
+
+    return Candidate(trial=trial, epoch=epoch, metrics={"kd_random": kd, "kd_random_std": std},
+                     params={}, checkpoint=Path(trial), number=number)
+
+
+def test_best_says_when_the_winner_is_within_noise():
+    from stain_search.deploy.select import certainty_notes, rank
+
+    objectives = [("kd_random", "min")]
+    close = rank([_candidate("trial_003", 3, 4, 0.110, 0.02),
+                  _candidate("trial_005", 5, 4, 0.118, 0.03),
+                  _candidate("trial_003", 3, 2, 0.140, 0.02)], objectives)
+    [note] = certainty_notes(close, objectives, {})
+    assert note.startswith("#3 and #5 are within one std of kd_random (0.008 apart, std 0.03")
+    clear = rank([_candidate("trial_003", 3, 4, 0.05, 0.01),
+                  _candidate("trial_005", 5, 4, 0.15, 0.01)], objectives)
+    [note] = certainty_notes(clear, objectives, {})
+    assert note == "#3 leads #5 by 0.1 kd_random, 10.0× its std over evaluation subsets"
+
+
+def test_best_says_when_the_study_was_told_another_epoch():
+    from types import SimpleNamespace
+
+    from stain_search.deploy.select import certainty_notes, rank
+
+    objectives = [("kd_random", "min")]
+    ranked = rank([_candidate("trial_001", 1, 2, 0.05, float("nan"))], objectives)
+    [note] = certainty_notes(ranked, objectives, {1: SimpleNamespace(values=[0.09])})
+    assert "holds #1's last epoch, kd_random = 0.09; the deploy rule picks its epoch 2" in note

@@ -47,7 +47,7 @@ class FaultSearch:
     search_dir: Path
     uri: str
     marker: Path
-    summary: list
+    outcome: object  # stain_search.search.SearchOutcome
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,12 @@ def fault_search(tmp_path_factory) -> FaultSearch:
     # Ray workers inherit the environment of the Ray this process starts.
     os.environ[KILL_AT_EPOCH_ENV], os.environ[KILL_MARKER_ENV] = str(KILL_AT), str(marker)
     try:
-        summary = run_search(space, storage=root / "runs", tracking_uri=uri, verbose=0)
+        result = run_search(space, storage=root / "runs", tracking_uri=uri, verbose=0)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return FaultSearch(search_dir=root / "runs" / "faults", uri=uri, marker=marker,
-                       summary=summary)
+                       outcome=result)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,8 @@ def test_diverged_trial_is_failed_with_reason_and_the_search_goes_on(fault_searc
         if t.number != DIVERGED:
             assert t.state == optuna.trial.TrialState.COMPLETE, t
             assert runs[t.number].data.tags[tracking.STATUS] == "finished"
-    assert fault_search.summary and fault_search.summary[0].number != DIVERGED
+    best = fault_search.outcome.selection.best()
+    assert best is not None and best.number != DIVERGED
     [parent] = [r for r in c.search_runs([exp_id]) if r.data.tags.get(tracking.ROLE) == "search"]
     assert parent.info.status == "FINISHED"
 
@@ -179,12 +180,12 @@ def test_killed_in_trial_process_continues_from_its_checkpoint(tmp_path, monkeyp
     monkeypatch.setenv(KILL_AT_EPOCH_ENV, str(KILL_AT))  # Ray's workers inherit it
     monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = run_search(space, storage=tmp_path / "runs", tracking_uri=uri, verbose=0)
+    result = run_search(space, storage=tmp_path / "runs", tracking_uri=uri, verbose=0)
     assert marker.exists(), "the fault was never injected"
     spec = load_space(tmp_path / "runs" / "killed" / "space.yaml")
     assert spec.resources.resolved_executor == "in_trial"
     [trial] = load_study(spec, tmp_path / "runs" / "killed" / "study.journal").trials
-    assert trial.state == optuna.trial.TrialState.COMPLETE and summary[0].number == 0
+    assert trial.state == optuna.trial.TrialState.COMPLETE and result.selection.best().number == 0
     c = tracking.client(uri)
     [run] = tracking.trial_runs(c, c.get_experiment_by_name("killed").experiment_id,
                                 search="killed")

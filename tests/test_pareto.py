@@ -1,4 +1,4 @@
-"""Pareto fronts and the chosen trial, against brute force and Optuna."""
+"""Pareto fronts, their ranks and the deploy order, against brute force and Optuna."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pytest
 
-from stain_search.analysis.pareto import compromise, pareto_mask, ranking
+from stain_search.pareto import deploy_order, pareto_mask, pareto_ranks
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,18 +44,24 @@ def test_random_fronts_match_brute_force(modes):
     assert (pareto_mask(values, modes) == brute_force(values, modes)).all()
 
 
-def test_compromise_is_the_balanced_front_member():
-    # Scaled across the front, (20, 0.7) sits nearest the ideal (10, 0.9).
-    assert compromise(POINTS, MODES) == 1
-    # One objective: simply the best.
-    assert compromise(POINTS[:, :1], ["min"]) == 0
-    assert compromise(POINTS[:, 1:], ["max"]) == 2
+def test_ranks_are_non_dominated_sorting():
+    # Front 0, 1, 2, 6; then 3 (beaten only by 1/6) and 4 (only by 2); then 5.
+    assert list(pareto_ranks(POINTS, MODES)) == [1, 1, 1, 2, 2, 3, 1]
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, size=(30, 2)).astype(float)
+    ranks = pareto_ranks(values, MODES)
+    left = np.arange(len(values))
+    for rank in range(1, ranks.max() + 1):  # peeling brute-force fronts gives the same
+        front = left[brute_force(values[left], MODES)]
+        assert set(np.flatnonzero(ranks == rank)) == set(front)
+        left = np.setdiff1d(left, front)
 
 
-def test_ranking_puts_fronts_in_order():
-    order = list(ranking(POINTS, MODES))
-    assert sorted(order) == list(range(len(POINTS)))
-    assert order[0] == compromise(POINTS, MODES)
-    assert set(order[:4]) == set(FRONT)  # the first front first
-    assert order[-1] == 5  # dominated by every other point
-    assert list(ranking(POINTS[:, :1], ["min"])) == [0, 1, 6, 3, 2, 4, 5]
+def test_deploy_order_is_the_front_then_the_first_objective():
+    order = list(deploy_order(POINTS, MODES))
+    assert order[:4] == [0, 1, 6, 2]  # the front, by fd (ties keep row order)
+    assert order[4:] == [3, 4, 5]
+    # One objective: simply its order; a tie goes to the later epoch.
+    assert list(deploy_order(POINTS[:, 1:], ["max"])) == [2, 4, 1, 6, 3, 0, 5]
+    tied = np.array([[1.0], [1.0], [0.5]])
+    assert list(deploy_order(tied, ["max"], tie_break=[3, 7, 9])) == [1, 0, 2]

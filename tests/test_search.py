@@ -92,15 +92,34 @@ def test_study_agrees_with_mlflow_and_pruning_was_honest(finished_search, store,
 
 def test_best_trial_has_its_best_checkpoint(finished_search, store, study):
     c, _ = store
-    best = study.best_trial
-    [summary] = finished_search.summary
-    assert summary.number == best.number and summary.values == [best.value]
-    kept = list_checkpoints(summary.checkpoints)
+    deploy = finished_search.outcome.selection.best()
+    assert deploy.state == "COMPLETE"
+    summary = json.loads((finished_search.search_dir / "summary.json").read_text())
+    assert (summary["deploy"]["number"], summary["deploy"]["epoch"]) == (deploy.number, deploy.epoch)
+    kept = list_checkpoints(deploy.checkpoint.parent)
     assert 1 <= len(kept) <= 2  # CheckpointConfig keeps the best k=2
     values = [json.loads((k / "meta.json").read_text())["metrics"]["fd_random"] for k in kept]
     state, meta = read_checkpoint(kept[values.index(min(values))])
     assert set(state) >= {"G", "F", "D_X", "D_Y", "opt_g", "opt_d"}
     assert meta["metrics"]["fd_random"] == pytest.approx(min(values))
     # The same best checkpoint is an artifact of the trial's MLflow run.
-    best_dir = [a.path for a in c.list_artifacts(summary.run_id, "best")]
+    assert deploy.checkpoint == kept[values.index(min(values))]
+    best_dir = [a.path for a in c.list_artifacts(deploy.run_id, "best")]
     assert best_dir == [f"best/{kept[values.index(min(values))].name}"]
+
+
+def test_status_of_a_finished_search_and_the_listing(finished_search, capsys):
+    from stain_search.cli import main
+
+    storage = str(finished_search.root / "runs")
+    assert main(["status", finished_search.name, "--storage", storage, "--tracking-uri",
+                 finished_search.tracking_uri, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "finished" and status["driver"] is None
+    assert status["counts"]["COMPLETE"] == 2 and status["counts"]["PRUNED"] == 1
+    best = finished_search.outcome.selection.best()
+    assert (status["best"]["trial"], status["best"]["epoch"]) == (best.trial, best.epoch)
+    assert status["resume"] is None and status["running"] == []
+    assert main(["status", "--storage", storage]) == 0
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line.split()[:3] == [finished_search.name, "finished", "3/3"]

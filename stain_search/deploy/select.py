@@ -13,25 +13,36 @@ where the MLflow store is at hand, its run id and Optuna trial number (the
 ``stain_search.trial`` / ``stain_search.optuna_trial`` tags); without MLflow
 the number is found by matching the searched parameters.
 
-Ranking follows the search's own objective(s): one objective sorts the
-checkpoints by it; several rank them by non-dominated sorting (Deb et al.,
-2002, "A fast and elitist multiobjective genetic algorithm: NSGA-II") —
-rank 1 is the Pareto front — and by the first objective within a rank.
-Constraints (``--min ssim_structure=0.7``: at least; ``--max fd_random=80``:
-at most) drop checkpoints before ranking.
+The deploy rule — the one answer to "which model do I deploy?". The run's
+closing summary, ``summary.json``, ``stain-search best`` (its first row),
+``report`` (its "chosen" mark) and ``export``'s default all call
+:func:`select` and take ``Selection.best()``:
+
+- One objective: the best value of the objective among all kept checkpoints
+  (trial × epoch), ties broken by the later epoch.
+- Several (a Pareto search): the non-dominated checkpoints (the front, by
+  ``stain_search.pareto``), and among them the best *first* objective. The
+  first objective is the one the space lists first: the user's own order of
+  importance, so the rule needs no weights or scaling (a "compromise" point
+  depends on how the front happens to be spread, and moves when one trial is
+  added). The whole front is listed by ``best`` and drawn by ``report``.
+- Constraints (``--min ssim_structure=0.7``: at least; ``--max fd_random=80``:
+  at most) drop checkpoints before ranking.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta
 from stain_search.errors import ConfigError
-from stain_search.search import DEFAULT_STORAGE, search_dir_for
+from stain_search.pareto import deploy_order, pareto_ranks
+from stain_search.search_dir import SearchDir
 
 ALWAYS_SHOWN = ("ssim_structure",)  # the "does it keep the tissue" check, beside the objectives
 
@@ -87,6 +98,10 @@ class Candidate:
         return out
 
 
+RULE_SINGLE = "best epoch value among kept checkpoints (later epoch wins a tie)"
+RULE_PARETO = "Pareto front of kept checkpoints, then the best first objective"
+
+
 @dataclass
 class Selection:
     search: str
@@ -97,10 +112,15 @@ class Selection:
     candidates: list[Candidate]  # ranked, best first
     dropped: dict[str, int] = field(default_factory=dict)  # reason → count
     notes: list[str] = field(default_factory=list)
+    search_id: str | None = None
 
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def rule(self) -> str:
+        return RULE_PARETO if self.multi_objective else RULE_SINGLE
 
     @property
     def front(self) -> list[Candidate]:
@@ -112,6 +132,7 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {
             "search": self.search, "search_dir": str(self.search_dir),
+            "search_id": self.search_id, "rule": self.rule,
             "objectives": [{"metric": m, "mode": mode} for m, mode in self.objectives],
             "multi_objective": self.multi_objective,
             "constraints": [asdict(c) for c in self.constraints],
@@ -124,73 +145,47 @@ class Selection:
 
 # --- ranking ------------------------------------------------------------------------
 
-def dominates(a: list[float], b: list[float]) -> bool:
-    """a dominates b (all minimised): no worse anywhere, better somewhere."""
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def pareto_ranks(points: list[list[float]]) -> list[int]:
-    """Non-dominated sorting (minimisation): 1 for the Pareto front, 2 for the
-    front once the first is removed, and so on."""
-    ranks = [0] * len(points)
-    remaining = set(range(len(points)))
-    rank = 1
-    while remaining:
-        front = {i for i in remaining
-                 if not any(dominates(points[j], points[i]) for j in remaining if j != i)}
-        for i in front:
-            ranks[i] = rank
-        remaining -= front
-        rank += 1
-    return ranks
-
-
 def rank(candidates: list[Candidate], objectives: list[tuple[str, str]]) -> list[Candidate]:
-    """Sorted best first, with ``rank`` set (all must have every objective)."""
-    signed = [[v if mode == "min" else -v for v, (_, mode) in zip(c.values(objectives), objectives)]
-              for c in candidates]
+    """Sorted by the deploy rule, best first, with ``rank`` set: the position
+    (one objective) or the Pareto front number (several). All candidates must
+    have every objective."""
+    if not candidates:
+        return []
+    modes = [mode for _, mode in objectives]
+    values = np.array([c.values(objectives) for c in candidates], dtype=float)
+    order = deploy_order(values, modes, tie_break=[c.epoch for c in candidates])
     if len(objectives) == 1:
-        order = sorted(range(len(candidates)), key=lambda i: (signed[i][0], -candidates[i].epoch))
         for position, i in enumerate(order, 1):
             candidates[i].rank = position
     else:
-        for c, r in zip(candidates, pareto_ranks(signed)):
-            c.rank = r
-        order = sorted(range(len(candidates)), key=lambda i: (candidates[i].rank, signed[i][0]))
+        for c, r in zip(candidates, pareto_ranks(values, modes)):
+            c.rank = int(r)
     return [candidates[i] for i in order]
 
 
 # --- what is on disk, in the study and in MLflow ----------------------------------------
-
-def read_search(search_dir: Path, name: str) -> dict[str, Any]:
-    record = search_dir / "search.json"
-    if not record.is_file():
-        raise ConfigError(f"{search_dir}: no search named {name!r} (no search.json); pass the "
-                          f"--storage the search ran with (default ./{DEFAULT_STORAGE})")
-    return json.loads(record.read_text())
-
 
 def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, section in (config or {}).items()
             if isinstance(section, dict) for k, v in section.items()}
 
 
-def study_trials(search_dir: Path, name: str) -> list[Any]:
+def study_trials(sdir: SearchDir, name: str) -> list[Any]:
     """The study's frozen trials ([] when there is no study file)."""
-    import optuna
+    from stain_search.study import open_study
 
-    from stain_search.study import storage
-
-    path = search_dir / "study.journal"
-    if not path.is_file():
+    if not sdir.study_journal.is_file():
         return []
-    study = optuna.load_study(study_name=name, storage=storage(path))
-    return study.get_trials(deepcopy=False)
+    try:
+        return open_study(name, sdir.study_journal).get_trials(deepcopy=False)
+    except KeyError:  # the driver stopped before creating the study
+        return []
 
 
-def mlflow_trials(name: str, tracking_uri: str | None,
+def mlflow_trials(name: str, search_id: str | None, tracking_uri: str | None,
                   notes: list[str]) -> dict[str, tuple[str, int | None]]:
-    """Trial folder name → (run id, Optuna number), from the search's MLflow runs."""
+    """Trial folder name → (run id, Optuna number), from this search's MLflow runs
+    (by its id: another search of the same name in the store is not joined)."""
     from stain_search import tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -200,7 +195,8 @@ def mlflow_trials(name: str, tracking_uri: str | None,
     try:
         c = tracking.client(uri)
         experiment = c.get_experiment_by_name(name)
-        runs = tracking.trial_runs(c, experiment.experiment_id, search=name) if experiment else []
+        runs = (tracking.trial_runs(c, experiment.experiment_id, search=name,
+                                    search_id=search_id) if experiment else [])
     except tracking.TrackingError as err:
         notes.append(f"MLflow unavailable, run ids left out: {err}")
         return {}
@@ -221,10 +217,10 @@ def _match_number(params: dict[str, Any], trials: list[Any]) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def gather(search_dir: Path, keys: list[str], dropped: dict[str, int]) -> list[Candidate]:
+def gather(sdir: SearchDir, keys: list[str], dropped: dict[str, int]) -> list[Candidate]:
     """Every readable checkpoint under ``trials/``."""
     out = []
-    for folder in sorted(p for p in (search_dir / "trials").glob("*") if p.is_dir()):
+    for folder in sorted(p for p in sdir.trials.glob("*") if p.is_dir()):
         for ckpt in list_checkpoints(folder):
             try:
                 meta = read_meta(ckpt)
@@ -242,22 +238,31 @@ def select(name: str, *, storage: str | Path | None = None, tracking_uri: str | 
            constraints: Iterable[Constraint] = (), include_failed: bool = False,
            per_trial: bool = False) -> Selection:
     """Rank the checkpoints of search ``name`` (see the module docstring)."""
-    search_dir = search_dir_for(storage, name)
-    record = read_search(search_dir, name)
-    objectives = [(o["metric"], o["mode"]) for o in record["objectives"]]
-    keys = [p["key"] for p in record.get("params", [])]
+    return select_dir(SearchDir.of(storage, name), tracking_uri=tracking_uri,
+                      constraints=constraints, include_failed=include_failed,
+                      per_trial=per_trial)
+
+
+def select_dir(sdir: SearchDir, *, tracking_uri: str | None = None,
+               constraints: Iterable[Constraint] = (), include_failed: bool = False,
+               per_trial: bool = False) -> Selection:
+    """:func:`select` on a search folder."""
+    record = sdir.read_record()
+    name = record.name
+    objectives = [(o.metric, o.mode) for o in record.objectives]
+    keys = [p.key for p in record.params]
     constraints = list(constraints)
     dropped: dict[str, int] = {}
     notes: list[str] = []
-    candidates = gather(search_dir, keys, dropped)
+    candidates = gather(sdir, keys, dropped)
     known = {m for c in candidates for m in c.metrics}
     for con in constraints:
         if candidates and con.metric not in known:
             raise ConfigError(f"constraint `{con}`: no checkpoint reports {con.metric!r}; "
                               f"metrics: {', '.join(sorted(known))}")
-    trials = study_trials(search_dir, name)
+    trials = study_trials(sdir, name)
     by_number = {t.number: t for t in trials}
-    runs = mlflow_trials(name, tracking_uri, notes)
+    runs = mlflow_trials(name, record.search_id, tracking_uri, notes)
     for c in candidates:
         run_id, number = runs.get(c.trial, (None, None))
         c.run_id = run_id
@@ -288,8 +293,44 @@ def select(name: str, *, storage: str | Path | None = None, tracking_uri: str | 
         if len(objectives) == 1:  # positions among the trials' best
             for position, c in enumerate(ranked, 1):
                 c.rank = position
-    return Selection(search=name, search_dir=search_dir, objectives=objectives, params=keys,
-                     constraints=constraints, candidates=ranked, dropped=dropped, notes=notes)
+    notes += certainty_notes(ranked, objectives, by_number)
+    return Selection(search=name, search_dir=sdir.root, objectives=objectives, params=keys,
+                     constraints=constraints, candidates=ranked, dropped=dropped, notes=notes,
+                     search_id=record.search_id)
+
+
+def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
+                    study_trials: dict[int, Any]) -> list[str]:
+    """How sure the choice is: the best's margin over the runner-up (the best
+    checkpoint of another trial) against the metric's spread over evaluation
+    subsets (KID's ``…_std``), and where the study was told another value than
+    the rule deploys by (a trial's last epoch, not its best)."""
+    if not ranked:
+        return []
+    best, metric = ranked[0], objectives[0][0]
+    notes = []
+    runner = next((c for c in ranked[1:] if c.trial != best.trial), None)
+    stds = [c.metrics.get(f"{metric}_std") for c in (best, runner) if c is not None]
+    stds = [float(v) for v in stds if isinstance(v, (int, float)) and math.isfinite(v)]
+    if runner is not None and stds:
+        margin = abs(best.metrics[metric] - runner.metrics[metric])
+        spread = max(stds)
+        if margin <= spread:
+            notes.append(f"#{best.number} and #{runner.number} are within one std of {metric} "
+                         f"({margin:.3g} apart, std {spread:.3g} over evaluation subsets): the "
+                         f"data cannot tell them apart; retrain both with other `train.seed` "
+                         f"values before trusting this order")
+        else:
+            notes.append(f"#{best.number} leads #{runner.number} by {margin:.3g} {metric}, "
+                         f"{margin / spread:.1f}× its std over evaluation subsets")
+    told = study_trials.get(best.number)
+    values = getattr(told, "values", None)
+    if values and len(objectives) == 1 and math.isfinite(values[0]):
+        if not math.isclose(values[0], best.metrics[metric], rel_tol=1e-9, abs_tol=1e-12):
+            notes.append(f"the study (what the sampler learns from) holds #{best.number}'s "
+                         f"last epoch, {metric} = {values[0]:.4g}; the deploy rule picks its "
+                         f"epoch {best.epoch}, {metric} = {best.metrics[metric]:.4g}")
+    return notes
 
 
 def pick(selection: Selection, *, trial: str | None = None, epoch: int | None = None) -> Candidate:

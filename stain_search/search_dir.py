@@ -1,0 +1,250 @@
+"""One search folder: every path in it, and ``search.json`` read into types.
+
+Everything a search keeps lives under one folder::
+
+    <storage>/<name>/
+        space.yaml      the space file as given
+        search.json     the search's record: its id, identity and budget (below)
+        study.journal   the Optuna study (optuna-dashboard opens it)
+        driver.json     the live driver: pid, host, start, heartbeat (while it runs)
+        driver.lock     held (flock) by the live driver; a second one is refused
+        tune/           Ray Tune's experiment files (logs; resume does not need them)
+        trials/trial_NNN/checkpoint_epoch_XXXX/   kept checkpoints of Optuna trial NNN
+        summary.json    the checkpoint to deploy, when the search ends
+        exports/        `stain-search export` output
+
+``search.json`` holds three things, kept apart on purpose:
+
+- ``search_id``: a random id made when the search starts. It is tagged on
+  every MLflow run the search creates and used in every look-up, so two
+  searches of the same name (two folders, one tracking store) never share
+  or mix runs.
+- ``identity``: what changes results (base settings, data, the space, the
+  objectives, the sampler and pruner). Resuming with a different identity is
+  refused.
+- ``budget``: ``num_samples`` and ``max_concurrent``. Resume uses the
+  recorded budget; ``--num-samples N`` extends it.
+
+Every reader (``stain-search best``, ``export``, ``report``, ``status``,
+``resume``) goes through :class:`SearchDir`; nothing else knows these names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from stain_search.atomic import atomic_write_text
+from stain_search.errors import ConfigError
+from stain_search.spaces import Objective, Param, SearchSpec
+
+DEFAULT_STORAGE = "stain-search-runs"
+RECORD_FORMAT = "stain-search-search/2"
+TRIAL_PREFIX = "trial_"
+
+
+def trial_name(number: int) -> str:
+    """The folder and MLflow name of Optuna trial ``number``: deterministic, so a
+    resumed trial finds its checkpoints and its run again."""
+    return f"{TRIAL_PREFIX}{number:03d}"
+
+
+def identity_of(spec: SearchSpec) -> dict[str, Any]:
+    """What makes two searches comparable: everything that changes results, and
+    nothing that is only budget (num_samples, max_concurrent) or placement
+    (resources)."""
+    search = asdict(spec.search)
+    for budget_key in ("num_samples", "max_concurrent"):
+        search.pop(budget_key)
+    record = {"base": spec.base, "params": [asdict(p) for p in spec.params],
+              "objectives": [asdict(o) for o in spec.objectives], "search": search}
+    return json.loads(json.dumps(record, default=str))  # tuples → lists, as read back
+
+
+@dataclass(frozen=True)
+class Budget:
+    num_samples: int
+    max_concurrent: int
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """``search.json`` as types."""
+
+    name: str
+    search_id: str | None  # None only for searches made before ids existed
+    created: str
+    identity: dict[str, Any]
+    budget: Budget
+    profile: str | None
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return [Objective(o["metric"], o["mode"]) for o in self.identity["objectives"]]
+
+    @property
+    def params(self) -> list[Param]:
+        return [Param(key=p["key"], distribution=p.get("distribution", ""), low=p.get("low"),
+                      high=p.get("high"), step=p.get("step"),
+                      choices=tuple(p.get("choices") or ()),
+                      when=tuple((k, tuple(v)) for k, v in (p.get("when") or ())))
+                for p in self.identity["params"]]
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return dict(self.identity["base"])
+
+    @property
+    def data(self) -> str | None:
+        return self.identity["base"].get("data.path")
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.identity["objectives"]) > 1
+
+    def to_json(self) -> dict[str, Any]:
+        # base/params/objectives also at the top level: the file reads well alone.
+        return {"format": RECORD_FORMAT, "name": self.name, "search_id": self.search_id,
+                "created": self.created, "profile": self.profile,
+                "budget": asdict(self.budget), "identity": self.identity}
+
+    @classmethod
+    def new(cls, spec: SearchSpec) -> "SearchRecord":
+        return cls(name=spec.name, search_id=uuid.uuid4().hex,
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   identity=identity_of(spec),
+                   budget=Budget(spec.search.num_samples, spec.search.max_concurrent),
+                   profile=getattr(spec, "profile", None))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], *, where: Path) -> "SearchRecord":
+        try:
+            if "identity" not in raw:  # format 1: the parsed space at the top level
+                identity = {"base": raw.get("base", {}), "params": raw.get("params", []),
+                            "objectives": raw["objectives"]}
+                identity["search"] = {k: v for k, v in raw.get("search", {}).items()
+                                      if k not in ("num_samples", "max_concurrent")}
+                search = raw.get("search", {})
+                return cls(name=raw["name"], search_id=None, created="", identity=identity,
+                           budget=Budget(int(search.get("num_samples", 1)),
+                                         int(search.get("max_concurrent", 1))),
+                           profile=None)
+            budget = raw["budget"]
+            return cls(name=raw["name"], search_id=raw.get("search_id"),
+                       created=raw.get("created", ""), identity=raw["identity"],
+                       budget=Budget(int(budget["num_samples"]), int(budget["max_concurrent"])),
+                       profile=raw.get("profile"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{where}: not a stain-search search record (missing or bad "
+                              f"{err}); it was not written by `stain-search run`") from None
+
+
+@dataclass(frozen=True)
+class SearchDir:
+    """The folder of one search. Paths only: creating it is the driver's job."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, storage: str | Path | None, name: str) -> "SearchDir":
+        return cls((Path(storage or DEFAULT_STORAGE) / name).resolve())
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def space_file(self) -> Path:
+        return self.root / "space.yaml"
+
+    @property
+    def record_file(self) -> Path:
+        return self.root / "search.json"
+
+    @property
+    def study_journal(self) -> Path:
+        return self.root / "study.journal"
+
+    @property
+    def driver_file(self) -> Path:
+        return self.root / "driver.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "driver.lock"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    def trial(self, number: int) -> Path:
+        return self.trials / trial_name(number)
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "report.html"
+
+    def exists(self) -> bool:
+        return self.record_file.is_file()
+
+    def read_record(self) -> SearchRecord:
+        """The search's record; a missing or unreadable one is one clear line."""
+        if not self.record_file.is_file():
+            raise ConfigError(
+                f"{self.root}: no search named {self.name!r} (no search.json); pass the "
+                f"--storage the search ran with (default ./{DEFAULT_STORAGE}), or "
+                f"`stain-search status` to list the searches there")
+        try:
+            raw = json.loads(self.record_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{self.record_file}: unreadable ({err}); pass --name to start "
+                              f"a new search") from None
+        return SearchRecord.from_json(raw, where=self.record_file)
+
+    def create(self, spec: SearchSpec, *, budget: Budget | None = None) -> SearchRecord:
+        """A new search's folder: its space file and a fresh record (a new id)."""
+        import shutil
+
+        record = SearchRecord.new(spec)
+        if budget is not None:
+            record = dataclasses.replace(record, budget=budget)
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(spec.path, self.space_file)
+        self.write_record(record)
+        return record
+
+    def write_record(self, record: SearchRecord) -> None:
+        atomic_write_text(self.record_file, json.dumps(record.to_json(), indent=2, default=str))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        if not self.summary_file.is_file():
+            return None
+        try:
+            return json.loads(self.summary_file.read_text())
+        except ValueError:
+            return None
+
+
+def list_searches(storage: str | Path | None) -> list[SearchDir]:
+    """Every search folder under ``storage`` (those with a search.json)."""
+    root = Path(storage or DEFAULT_STORAGE).resolve()
+    if not root.is_dir():
+        return []
+    return [SearchDir(p) for p in sorted(root.iterdir()) if (p / "search.json").is_file()]

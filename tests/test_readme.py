@@ -1,0 +1,119 @@
+"""The README's commands run as written (issue 10: a README contract test).
+
+Every ``stain-search …`` command in the README's code blocks is run, in the
+README's order, in one fresh folder, as a user would type it there. Only the
+file names a reader replaces with their own are substituted: ``spaces/lambda.yaml``
+becomes a tiny copy of the bundled space in ``./spaces/`` (a file path wins
+over a bundled name), ``my-space.yaml``/``my.yaml`` tiny files, ``/data/BCI``
+a BCI-layout folder made from the phantom, ``slide.tif`` a small TIFF. Each
+must exit 0, or be listed in ``NOT_RUN`` with the reason it cannot run here.
+This is the test that would have caught ``--name`` failing every trial.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import tiny_space_yaml
+
+pytestmark = pytest.mark.slow
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Commands that cannot run in CI, by their first words, each with its reason.
+NOT_RUN = {
+    "stain-search ui": "a server that runs until stopped; tests/test_ui.py starts it, "
+                       "loads its pages in Chromium and stops it",
+    "stain-search dashboard": "a server that runs until stopped; tests/test_dashboard.py "
+                              "starts it and loads it in Chromium",
+    "stain-search weights fetch": "downloads from the internet, which CI cannot reach; "
+                                  "tests/test_weights.py fetches from a local server",
+}
+
+
+def readme_commands() -> list[str]:
+    """`stain-search …` commands of the README's fenced code blocks, in order
+    (comments dropped, `a && b` split, continuation lines joined)."""
+    text = README.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].split(" # ")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("stain-search"):
+                    commands.append(part)
+    return commands
+
+
+def _not_run(command: str) -> str | None:
+    return next((why for prefix, why in NOT_RUN.items() if command.startswith(prefix)), None)
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+    """A fresh folder holding the files the README's commands name."""
+    from stain_search.data.phantom import builtin_dataset
+    from stain_search.data.io import read_image
+
+    cwd = tmp_path_factory.mktemp("readme-user")
+    (cwd / "spaces").mkdir()
+    (cwd / "spaces" / "lambda.yaml").write_text(tiny_space_yaml(
+        name="lambda", num_samples=2, max_concurrent=1, epochs=2, pruner="none"))
+    (cwd / "my-space.yaml").write_text(tiny_space_yaml(
+        name="mine", num_samples=1, max_concurrent=1, epochs=1, pruner="none"))
+    base = {k.split(".")[0]: {} for k in ("data", "model", "train")}
+    for key, value in {"data.crop": 32, "data.batch_size": 2, "model.depth": 3,
+                       "model.ngf": 8, "model.ndf": 8, "model.d_blocks": 2,
+                       "train.epochs": 2, "train.steps_per_epoch": 3}.items():
+        section, name = key.split(".")
+        base[section][name] = value
+    (cwd / "my.yaml").write_text(yaml.safe_dump(base))
+    phantom = Path(builtin_dataset("phantom-trichrome"))
+    bci = cwd / "data" / "BCI"
+    for src, dst in (("trainA", "HE/train"), ("trainB", "IHC/train"),
+                     ("testA", "HE/test"), ("testB", "IHC/test")):
+        shutil.copytree(phantom / src, bci / dst)
+    import tifffile
+
+    tile = read_image(sorted((phantom / "testA").iterdir())[0])
+    tifffile.imwrite(cwd / "slide.tif", np.tile(tile, (2, 2, 1)))
+    return cwd
+
+
+def substitute(command: str, cwd: Path) -> list[str]:
+    words = shlex.split(command)
+    swap = {"/data/BCI": str(cwd / "data" / "BCI")}
+    return [sys.executable, "-m", "stain_search.cli", *[swap.get(w, w) for w in words[1:]]]
+
+
+def test_every_readme_command_runs(user_folder):
+    commands = readme_commands()
+    assert commands and commands[0] == "stain-search run spaces/lambda.yaml", commands[:3]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    failures, ran = [], []
+    for command in commands:
+        if _not_run(command):
+            continue
+        done = subprocess.run(substitute(command, user_folder), cwd=user_folder, env=env,
+                              capture_output=True, text=True, timeout=900)
+        ran.append(command)
+        if command == commands[0]:  # the quickstart, off a terminal (issue 14: ≤ ~40 lines)
+            printed = (done.stdout + done.stderr).strip().splitlines()
+            assert len(printed) <= 40, "\n".join(printed)
+        if done.returncode != 0:
+            failures.append(f"{command}  →  exit {done.returncode}\n"
+                            f"{(done.stderr or done.stdout)[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+    assert any(c.startswith("stain-search export") for c in ran)
+
