@@ -126,7 +126,8 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stain_search.profiles import check_hardware, dry_run, local_gpus
+    from stain_search.plan import check_hardware, dry_run
+    from stain_search.profiles import local_gpus
     from stain_search.search import format_summary, run_search
     from stain_search.spaces import load_space
 
@@ -186,7 +187,8 @@ def cmd_spaces(args: argparse.Namespace) -> int:
     """Each bundled space, then each of its profiles: what it is for and what it sets."""
     import textwrap
 
-    from stain_search.profiles import local_gpus, scale
+    from stain_search.plan import scale
+    from stain_search.profiles import local_gpus
     from stain_search.spaces import bundled_spaces, load_space
 
     gpus = local_gpus()

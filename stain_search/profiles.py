@@ -38,17 +38,13 @@ written.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stain_search import config as cfg
 from stain_search.errors import ConfigError
-
-if TYPE_CHECKING:
-    from stain_search.spaces import SearchSpec
 
 PROFILE_KEYS = ("description", "data", "base", "resources", "search")
 SEARCH_KEYS = ("num_samples", "max_concurrent", "early_stopping")
@@ -117,7 +113,8 @@ def _check_keys(body: Mapping, allowed: tuple[str, ...], *, path: Path, key: str
                        f"{cfg.suggest(str(k), list(allowed))} (allowed: {', '.join(allowed)})")
 
 
-def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str]) -> Profile:
+def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str],
+               resource_keys: tuple[str, ...]) -> Profile:
     where = f"profiles.{name}"
     body = _mapping(raw, path=path, key=where)
     _check_keys(body, PROFILE_KEYS, path=path, key=where)
@@ -135,10 +132,8 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str]) -> Profil
         _check_keys(es, EARLY_STOPPING_KEYS, path=path, key=f"{where}.search.early_stopping",
                     why=" (only the epoch counts scale with a profile)")
         search["early_stopping"] = es
-    from stain_search.spaces import Resources
-
     resources = _mapping(body.get("resources"), path=path, key=f"{where}.resources")
-    _check_keys(resources, tuple(f.name for f in dataclasses.fields(Resources)),
+    _check_keys(resources, resource_keys,
                 path=path, key=f"{where}.resources")
     data = body.get("data")
     if data is not None and not isinstance(data, str):
@@ -147,7 +142,8 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str]) -> Profil
                    base=base, resources=resources, search=search)
 
 
-def parse_profiles(raw: Any, *, path: Path, explored: set[str]) -> dict[str, Profile]:
+def parse_profiles(raw: Any, *, path: Path, explored: set[str],
+                   resource_keys: tuple[str, ...]) -> dict[str, Profile]:
     """The ``profiles:`` section, validated; ``explored`` are the keys of ``space``."""
     body = _mapping(raw, path=path, key="profiles")
     if raw is not None and not body:
@@ -158,7 +154,8 @@ def parse_profiles(raw: Any, *, path: Path, explored: set[str]) -> dict[str, Pro
         if not text.replace("-", "").replace("_", "").isalnum():
             raise _err(path, f"profiles.{text}", "a profile name uses letters, digits, "
                        "'-' and '_' only")
-        out[text] = _parse_one(text, body[name], path=path, explored=explored)
+        out[text] = _parse_one(text, body[name], path=path, explored=explored,
+                               resource_keys=resource_keys)
     return out
 
 
@@ -213,88 +210,3 @@ def blame(err: ConfigError, choice: Choice) -> ConfigError:
     others = [n for n in choice.known if n != choice.profile.name]
     hint = f"; other profiles: {', '.join(others)} (--profile NAME)" if others else ""
     return ConfigError(f"{err} [under profile `{choice.profile.name}`{hint}]")
-
-
-# --- what the user sees ---------------------------------------------------------------------
-
-def scale(config: cfg.Config, resources: Any) -> str:
-    """One line of what a profile sets: crop, widths, batch, epochs, resources."""
-    d, m, t = config.data, config.model, config.train
-    decay = f" ({t.decay_epochs} decaying)" if t.decay_epochs else ""
-    steps = f" × {t.steps_per_epoch} steps" if t.steps_per_epoch else ""
-    gpus = resources.gpus_per_worker
-    per_worker = (f"{gpus:g} GPU + " if gpus else "") + f"{resources.cpus_per_worker:g} CPU"
-    return (f"{d.crop} px, U-Net depth {m.depth} ngf {m.ngf}, D ndf {m.ndf}, batch "
-            f"{d.batch_size}, {t.epochs} epochs{steps}{decay}, {per_worker} per worker")
-
-
-def describe(spec: SearchSpec) -> str:
-    """The first line of a run: which profile, why, and what it sets."""
-    head = f"profile {spec.profile}" if spec.profile else "no profile"
-    others = [n for n in spec.profiles if n != spec.profile]
-    tail = f"; others: {', '.join(others)} (--profile NAME)" if others else ""
-    return (f"{spec.name}: {head} ({spec.profile_reason}) — "
-            f"{scale(spec.base_config(), spec.resources)}{tail}")
-
-
-def check_hardware(spec: SearchSpec, *, gpus: int) -> None:
-    """Refuse, before Ray starts, a space whose trials ask for GPUs this machine lacks.
-
-    Ray would otherwise keep every trial pending, waiting for a GPU that never comes.
-    """
-    want = spec.resources.gpus_per_worker
-    if want > 0 and gpus == 0:
-        which = f"profile `{spec.profile}`" if spec.profile else f"{spec.path.name}"
-        cpu = (f"--profile {CPU_PROFILE}, or " if CPU_PROFILE in spec.profiles
-               and spec.profile != CPU_PROFILE else "")
-        raise ConfigError(
-            f"{which} asks for {want:g} GPU per trial worker, but no GPU is visible here "
-            f"(torch.cuda.is_available() is False): run with {cpu}--address of a Ray "
-            f"cluster that has GPUs (or set RAY_ADDRESS); --dry-run shows the settings "
-            f"without a GPU")
-
-
-def dry_run(spec: SearchSpec, *, gpus: int) -> str:
-    """What ``--dry-run`` prints: the search exactly as it would start, as YAML.
-
-    Nothing is started, written or read: no Ray, no search folder, no MLflow
-    run, no image (a built-in dataset is not generated), so the objective is
-    resolved (``frechet`` → its honest name) but checked against the data
-    only when the search starts.
-    """
-    import yaml
-
-    resources = {**dataclasses.asdict(spec.resources),
-                 "executor": f"{spec.resources.resolved_executor} ({spec.resources.executor})"}
-    record = {
-        "profile": {"name": spec.profile, "why": spec.profile_reason,
-                    "defined": list(spec.profiles)},
-        "space_file": str(spec.path),
-        "base_config": spec.base_config().to_dict(),
-        "space": {p.key: {k: v for k, v in dataclasses.asdict(p).items()
-                          if k != "key" and v not in (None, (), [])} for p in spec.params},
-        "objective": [dataclasses.asdict(o) for o in spec.objectives],
-        "search": dataclasses.asdict(spec.search),
-        "resources": resources,
-    }
-    text = yaml.safe_dump(json_safe(record), sort_keys=False, allow_unicode=True, width=100)
-    lines = [describe(spec), text.rstrip()]
-    try:
-        check_hardware(spec, gpus=gpus)
-    except ConfigError as err:
-        lines.append(f"note: a run here would stop before Ray starts: {err}")
-    lines.append("dry run: nothing started or written (no Ray, no search folder, no MLflow "
-                 "run, no data read; the objective is checked against the data when the "
-                 "search starts)")
-    return "\n".join(lines)
-
-
-def json_safe(value: Any) -> Any:
-    """Tuples → lists, paths → strings: plain YAML, no Python tags."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

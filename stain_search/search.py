@@ -41,7 +41,7 @@ from stain_search.context import Pruning, TrialContext
 from stain_search.errors import ConfigError, SearchInterrupted, StorageFull
 from stain_search.console import SearchConsole
 from stain_search.lock import DriverLock, is_locked, read_driver
-from stain_search.profiles import describe
+from stain_search.plan import describe
 from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of
 from stain_search.spaces import Resources, SearchSpec, load_space
 from stain_search.weights import resolve_eval

@@ -305,8 +305,10 @@ def parse_space(raw: Any, *, path: Path, data: str | None = None,
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}, "
                           f"got {type(raw).__name__}")
     explored = set(map(str, raw["space"])) if isinstance(raw.get("space"), Mapping) else set()
+    resource_keys = tuple(f.name for f in dataclasses.fields(Resources))
     choice = profiles.choose(profiles.parse_profiles(raw.get("profiles"), path=path,
-                                                     explored=explored),
+                                                     explored=explored,
+                                                     resource_keys=resource_keys),
                              profile, path=path, gpus=gpus)
     if choice.profile is not None:
         raw = profiles.merge(raw, choice.profile, path=path)

@@ -183,7 +183,7 @@ def test_figures_logged_to_the_parent_run(report, fake):
 def test_cli_report_unknown_search_is_one_line(fake, capsys):
     rc = main(["report", "nope", "--storage", str(fake["storage"]), "--tracking-uri", fake["uri"]])
     err = capsys.readouterr().err
-    assert rc == 2 and "no search here" in err and "--storage" in err
+    assert rc == 2 and "no search named 'nope'" in err and "--storage" in err
     assert "Traceback" not in err
 
 

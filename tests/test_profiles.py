@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stain_search import profiles
+from stain_search import plan, profiles
 from stain_search.cli import main
 from stain_search.errors import ConfigError
 from stain_search.spaces import load_space
@@ -154,13 +154,13 @@ def test_gpu_profile_without_a_gpu_is_refused(space):
     spec = load(space, profile="gpu")
     with pytest.raises(ConfigError, match=r"profile `gpu` asks for 1 GPU per trial worker, "
                                           r"but no GPU is visible here.*--profile demo.*--address"):
-        profiles.check_hardware(spec, gpus=0)
-    profiles.check_hardware(spec, gpus=1)
-    profiles.check_hardware(load(space, profile="demo"), gpus=0)
+        plan.check_hardware(spec, gpus=0)
+    plan.check_hardware(spec, gpus=1)
+    plan.check_hardware(load(space, profile="demo"), gpus=0)
 
 
 def test_describe_is_one_line_with_profile_and_scale(space):
-    line = profiles.describe(load(space, profile="gpu"))
+    line = plan.describe(load(space, profile="gpu"))
     assert "\n" not in line
     assert line.startswith("tiny: profile gpu (chosen with --profile) — 64 px, U-Net depth 3 "
                            "ngf 16, D ndf 8, batch 2, 20 epochs × 2 steps (10 decaying), "

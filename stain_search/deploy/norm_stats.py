@@ -37,7 +37,7 @@ None for a tile's own.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -48,10 +48,20 @@ from torch import nn
 from stain_search.deploy.tiling import Tile
 from stain_search.errors import DataError
 
-if TYPE_CHECKING:
-    from stain_search.deploy.translate import Run
-
 Fixed = list  # per norm: (mean, var) of shape (B or 1, C), or None for own statistics
+
+
+class Run(Protocol):
+    """What a strategy needs of a translation run (``deploy.translate.Run``,
+    which satisfies it): the translator (``tr``: ``norms``, ``kernel``,
+    ``device``), the tile ``grid``, and a pass over the tiles."""
+
+    tr: Any
+    grid: Any
+
+    def statistics_pass(self, desc: str, fixed: Callable[[list[Tile]], Fixed],
+                        hooks: dict[int, Callable[[torch.Tensor, list[Tile]], None]],
+                        *, stop_after: int | None = None) -> None: ...
 
 
 # --- instance norm with statistics from outside -------------------------------------
