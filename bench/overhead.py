@@ -162,9 +162,9 @@ def _make_runner(path: str, executor: str) -> Callable:
         with ExitStack() as stack:
             _patch_tracking(stack, path, "worker")
             stack.enter_context(mock.patch.object(sink, "report", report))
-            if in_trial:  # the executor keeps its checkpoints itself
-                _patch(stack, ct, "store_checkpoint", path, "ckpt.store@worker")
-                _patch(stack, ct, "prune_checkpoints", path, "ckpt.prune@worker")
+            # Both executors write each checkpoint once into the trial folder
+            # and prune it there.
+            _patch(stack, ct, "prune_checkpoints", path, "ckpt.prune@worker")
             _patch(stack, study.TrialPruning, "__init__", path, "optuna.load_study@worker")
             _patch(stack, study.TrialPruning, "should_prune", path, "optuna.should_prune@worker")
             _patch(stack, ct, "run_training", path, "run_training")
@@ -272,7 +272,7 @@ def run_one_search(space: Path, root: Path, *, reuse_actors: bool | None,
         _patch(stack, search_mod, "init_ray", path, "ray.init@driver")
         _patch(stack, ray, "shutdown", path, "ray.shutdown@driver")
         _patch(stack, tune.Tuner, "fit", path, "tuner_fit")
-        _patch(stack, search_mod, "summarize", path, "driver.summarize")
+        _patch(stack, search_mod, "deploy_selection", path, "driver.summarize")
         _patch(stack, study_mod, "create_study", path, "optuna.create_study@driver")
         _patch(stack, study_mod.StudySearcher, "suggest", path, "optuna.suggest@driver")
         _patch(stack, study_mod.StudySearcher, "on_trial_complete", path, "optuna.tell@driver")
@@ -283,7 +283,7 @@ def run_one_search(space: Path, root: Path, *, reuse_actors: bool | None,
                                         tracking_uri=f"sqlite:///{root / 'mlflow.db'}", verbose=0)
         wall = time.perf_counter() - t0
         _stamp(path, "search_end")
-    if not summary:
+    if summary.selection.best() is None:
         raise RuntimeError(f"the search in {root} finished no trial")
     return {"wall_s": wall, "records": [json.loads(line) for line in stamps.read_text().splitlines()]}
 

@@ -52,6 +52,7 @@ import common  # noqa: E402
 import stain_search.train as train_mod  # noqa: E402
 from stain_search.errors import TrainingDiverged  # noqa: E402
 from stain_search.spaces import SearchSpec, load_space, suggest  # noqa: E402
+from stain_search.context import Pruning  # noqa: E402
 from stain_search.study import SAMPLERS, make_pruner  # noqa: E402
 
 TOLERANCE = 0.05  # "within 5% of the best objective found by either strategy"
@@ -142,8 +143,9 @@ STRATEGIES = {
 
 def run_strategy(name: str, spec: SearchSpec, *, seed: int, trials: int) -> list[TrialRecord]:
     sampler_name, prune = STRATEGIES[name]
-    sampler = SAMPLERS[sampler_name](seed, False)
-    pruner = make_pruner(spec) if prune else optuna.pruners.NopPruner()
+    sampler = SAMPLERS[sampler_name](seed, spec.search.population_size)
+    pruning = Pruning.of(spec.search.early_stopping, spec.objectives)
+    pruner = make_pruner(pruning) if prune else optuna.pruners.NopPruner()
     direction = "minimize" if spec.objectives[0].mode == "min" else "maximize"
     study = optuna.create_study(direction=direction, sampler=sampler, pruner=pruner)
     return [run_trial(study, spec, prune=prune, seed=seed) for _ in range(trials)]
@@ -176,10 +178,10 @@ def memoised_build_data():
     real = train_mod.build_data
     cache: dict[str, Any] = {}
 
-    def build(config):
-        key = repr(config.data) + repr(config.eval)
+    def build(config, **kwargs):
+        key = repr(config.data) + repr(config.eval) + repr(sorted(kwargs.items()))
         if key not in cache:
-            cache[key] = real(config)
+            cache[key] = real(config, **kwargs)
         return cache[key]
     return build
 

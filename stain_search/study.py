@@ -147,6 +147,16 @@ class TrialPruning:
         self.trial_id = trial_id
         self.trial = optuna.trial.Trial(self.study, trial_id)
 
+    def record(self, metrics: dict[str, Any], *, epoch: int) -> None:
+        """Give the study an epoch it may have missed (a trial restarted from
+        that epoch's checkpoint, killed before it reported), without asking."""
+        if self.metric not in metrics:
+            return
+        if epoch in self.study._storage.get_trial(self.trial_id).intermediate_values:
+            return
+        self.study._storage.set_trial_intermediate_value(self.trial_id, epoch,
+                                                         float(metrics[self.metric]))
+
     def should_prune(self, metrics: dict[str, Any], *, epoch: int) -> bool:
         if self.metric not in metrics:
             return False

@@ -28,6 +28,7 @@ import torch
 
 from conftest import tiny_space_yaml
 from stain_search import tracking
+from stain_search.search_dir import SearchDir
 from stain_search.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                      read_checkpoint, write_checkpoint)
 from stain_search.gan import LOSS_NAMES
@@ -154,7 +155,9 @@ def test_killed_worker_continues_from_its_checkpoint(fault_search, outcome):
     [(number, run)] = [(n, r) for n, r in runs.items() if r.info.run_id == run_id]
     # Ray Train restarted the worker from the last checkpoint it had (the
     # epoch before the kill), not from scratch, within FailureConfig.
-    assert run.data.tags[tracking.RESUMED_FROM] == str(KILL_AT - 1)
+    # The epoch's checkpoint is written where it is kept before the epoch is
+    # reported: the restart continues from the killed epoch's own checkpoint.
+    assert run.data.tags[tracking.RESUMED_FROM] == str(KILL_AT)
     assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS] == "finished"
     assert study.trials[number].state == optuna.trial.TrialState.COMPLETE
     steps = [m.step for m in c.get_metric_history(run_id, "loss_G")]
@@ -190,7 +193,9 @@ def test_killed_in_trial_process_continues_from_its_checkpoint(tmp_path, monkeyp
     [run] = tracking.trial_runs(c, c.get_experiment_by_name("killed").experiment_id,
                                 search="killed")
     assert run.info.run_id == marker.read_text()
-    assert run.data.tags[tracking.RESUMED_FROM] == str(KILL_AT - 1)
+    # The epoch's checkpoint is written where it is kept before the epoch is
+    # reported: the restart continues from the killed epoch's own checkpoint.
+    assert run.data.tags[tracking.RESUMED_FROM] == str(KILL_AT)
     assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS] == "finished"
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss_G")]
     assert steps == list(range(1, EPOCHS + 1))
@@ -214,11 +219,13 @@ def test_crash_mid_write_leaves_no_checkpoint_under_a_real_name(tmp_path, monkey
     write_checkpoint(root / "checkpoint_epoch_0001", state=_state(), meta=_meta(1, 5.0))
     write_checkpoint(root / "checkpoint_epoch_0002", state=_state(), meta=_meta(2, 4.0))
 
-    def half_save(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"PK\x03\x04 half a zip")
+    real_write = Path.write_bytes
+
+    def half_write(self, data):  # the state file's write stops half-way: a full disk
+        real_write(self, bytes(data)[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("stain_search.checkpoint.torch.save", half_save)
+    monkeypatch.setattr(Path, "write_bytes", half_write)
     with pytest.raises(OSError):
         write_checkpoint(root / "checkpoint_epoch_0003", state=_state(), meta=_meta(3, 1.0))
     with pytest.raises(OSError):  # re-writing an existing epoch keeps the old one whole
@@ -258,7 +265,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 def test_deploy_selection_never_picks_a_half_written_checkpoint(tmp_path):
     select = pytest.importorskip("stain_search.deploy.select")
     _half_written_search(tmp_path)
-    found = select.gather(tmp_path, [], {})
+    found = select.gather(SearchDir(tmp_path), [], {})
     assert [(c.trial, c.epoch) for c in found] == [("trial_x", 1)]
 
 

@@ -148,6 +148,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run_worker(wctx, reporter, device=device)
 
 
+def run_in_trial(wctx: WorkerContext) -> TrialReporter:
+    """The ``in_trial`` executor: the loop in this (Tune trial) process. A
+    restarted trial continues from the newest checkpoint in its folder."""
+    reporter = TrialReporter(wctx, in_trial=True)
+    run_worker(wctx, reporter, device=None)
+    return reporter
+
+
 def run_worker(wctx: WorkerContext, reporter: TrialReporter, *,
                device: torch.device | None) -> None:
     """Train one trial's CycleGAN, continuing from the newest checkpoint there is."""
@@ -158,6 +166,8 @@ def run_worker(wctx: WorkerContext, reporter: TrialReporter, *,
         if resume is not None and reporter.client is not None:  # a restarted trial
             tracking.note_restart(reporter.client, wctx.run_id, epoch=read_meta(resume)["epoch"])
         meta = read_meta(resume) if resume is not None else None
+        if meta is not None and reporter.pruning is not None:
+            reporter.pruning.record(dict(meta["metrics"]), epoch=int(meta["epoch"]))
         if meta is not None and int(meta["epoch"]) >= config.train.epochs:
             # Every epoch is done (the driver stopped before Tune saw the end):
             # hand the final result on again, train nothing.
@@ -220,9 +230,7 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
     status, error = "finished", None
     try:
         if in_trial:
-            reporter = TrialReporter(wctx, in_trial=True)
-            run_worker(wctx, reporter, device=None)
-            final = reporter.last
+            final = run_in_trial(wctx).last
         else:
             final = dict(ray_train_fit(wctx).metrics or {})
         if final.get("storage_error"):
