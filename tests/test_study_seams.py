@@ -195,7 +195,8 @@ def test_lock_heartbeat_is_fresh(tmp_path):
         assert read_driver(tmp_path / "d.json").heartbeat_age_s < 5
 
 
-@pytest.mark.parametrize("module", ["errors", "atomic", "config", "distributed", "pareto"])
+@pytest.mark.parametrize("module", ["errors", "atomic", "config", "distributed", "pareto",
+                                    "progress"])
 def test_the_foundation_imports_nothing_of_ours_but_errors(module):
     ours = {m for m in _imports(ROOT / "stain_search" / f"{module}.py")
             if m.startswith("stain_search")}

@@ -46,6 +46,7 @@ from stain_search.data.io import image_size, write_image
 from stain_search.data.resolution import ResampledSource, plan_resolution
 from stain_search.data.slides import OPENSLIDE_EXTENSIONS, SlideSource, open_slide
 from stain_search.errors import ConfigError, DataError
+from stain_search.progress import Advance, progress
 
 # The Otsu threshold is clipped into this saturation range, measured on the
 # BCI/MIST samples: glass sits below 0.02 (JPEG chroma noise), and a cut
@@ -215,30 +216,54 @@ def _where(source: SlideSource) -> tuple[int, float, float | None]:
     return source.level, source.levels[source.level].downsample, source.level_mpp(source.level)
 
 
+def _decider(paths: dict[str, Path]) -> str:
+    """The domain whose tissue decides what a job keeps: the H&E ("A") when both."""
+    return "A" if "A" in paths else next(iter(paths))
+
+
+def _tile_count(job: _Job, *, tile: int, overlap: int, mpp: float | None,
+                level: int | None) -> int:
+    """How many positions ``_cut`` visits for ``job`` (for the progress bar): from the
+    header at level 0 as stored, else from the source opened at the requested
+    resolution (OpenSlide and TIFF read headers only; a plain image is decoded)."""
+    path = job.paths[_decider(job.paths)]
+    if mpp is None and level is None:
+        height, width = _size(path)
+    else:
+        source = _open(path, mpp=mpp, level=level)
+        height, width = source.height, source.width
+        source.close()
+    return len(_positions(height, width, tile, overlap))
+
+
 def _cut(job: _Job, tmp: Path, *, tile: int, overlap: int, min_tissue: float,
          test_fraction: float, seed: int, mpp: float | None = None,
-         level: int | None = None) -> list[dict]:
+         level: int | None = None, advance: Advance | None = None) -> list[dict]:
     """Write the kept tiles of one job; return their manifest rows. Sources are
-    read region by region (memory: a tile and the reader's small cache)."""
+    read region by region (memory: a tile and the reader's small cache).
+    ``advance`` is called once per position visited, kept or not."""
     images: dict[str, SlideSource] = {}
     try:
         for d, p in job.paths.items():
             images[d] = _open(p, mpp=mpp, level=level)
         return _cut_open(job, images, tmp, tile=tile, overlap=overlap, min_tissue=min_tissue,
-                         test_fraction=test_fraction, seed=seed)
+                         test_fraction=test_fraction, seed=seed, advance=advance)
     finally:
         for im in images.values():
             im.close()
 
 
 def _cut_open(job: _Job, images: dict[str, SlideSource], tmp: Path, *, tile: int, overlap: int,
-              min_tissue: float, test_fraction: float, seed: int) -> list[dict]:
+              min_tissue: float, test_fraction: float, seed: int,
+              advance: Advance | None = None) -> list[dict]:
     thresholds = {d: tissue_threshold(im.thumbnail()) for d, im in images.items()}
     where = {d: _where(im) for d, im in images.items()}
-    decider = "A" if "A" in images else next(iter(images))
+    decider = _decider(images)
     ref = images[decider]
     rows = []
     for y, x in _positions(ref.height, ref.width, tile, overlap):
+        if advance is not None:
+            advance()  # counted before the tissue test: dropped glass is work done too
         tiles = {d: im.read(y, x, tile, tile) for d, im in images.items()}
         fractions = {d: float(tissue_mask(t, threshold=thresholds[d]).mean())
                      for d, t in tiles.items()}
@@ -362,11 +387,16 @@ def prepare_dataset(src: str | Path, out: str | Path, *, layout: str = "auto", t
         split_by = "slide" if scanner or mpp is not None or level is not None else "tile"
     if split_by == "slide":
         _split_slides(jobs, test_fraction=test_fraction, seed=seed)
-    with atomic_dir(out, overwrite=False) as tmp:  # out is empty or absent (checked above)
+    total = sum(_tile_count(job, tile=tile, overlap=overlap, mpp=mpp, level=level)
+                for job in jobs)
+    with atomic_dir(out, overwrite=False) as tmp, \
+            progress("tiling", total=total, unit="tiles") as advance:  # quiet off a terminal
         rows: list[dict] = []
-        for job in jobs:
+        for i, job in enumerate(jobs, 1):
+            advance(0, description=f"tiling {job.stem} ({i}/{len(jobs)})")
             rows += _cut(job, tmp, tile=tile, overlap=overlap, min_tissue=min_tissue,
-                         test_fraction=test_fraction, seed=seed, mpp=mpp, level=level)
+                         test_fraction=test_fraction, seed=seed, mpp=mpp, level=level,
+                         advance=advance)
         if split_by == "tile":
             _ensure_test_tiles(rows, tmp, seed=seed)
         _check_complete(out, rows, min_tissue)

@@ -48,6 +48,7 @@ import torch.nn as nn
 from stain_search.atomic import atomic_path
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError
+from stain_search.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -414,13 +415,20 @@ class FrechetDistance:
         """Real-image statistics of these (B, 3, H, W) batches in [0, 1], cached by content.
 
         The images are hashed on every call (cheap); features are extracted
-        only when no cached file has the same pixels and extractor.
+        only when no cached file has the same pixels and extractor — with a
+        progress bar at a terminal ("fid reference features … 12/32 crops"),
+        silent elsewhere and in Ray trials.
         """
         key = reference_key(images, self.identity)
         path = self.stats_path(key)
         features = self._load(path, key)
         if features is None:
-            feats = [self.features(batch) for batch in images]
+            feats = []
+            with progress(f"{self.metric_name} reference features",
+                          total=sum(b.shape[0] for b in images), unit="crops") as advance:
+                for batch in images:
+                    feats.append(self.features(batch))
+                    advance(batch.shape[0])
             features = np.concatenate(feats) if feats else np.zeros((0, 0))
             stats = FrechetStats.from_features(features)  # checks N ≥ 2 before caching
             self._save(path, features, key=key)
