@@ -64,6 +64,8 @@ class Search:
     base: dict[str, Any]
     study: Any  # optuna.Study, or None when the journal is missing
     frame: pd.DataFrame = field(repr=False)
+    # stain_search.deploy.confirmed.Confirmation: `stain-search confirm`'s, if it ran
+    confirmation: Any = field(default=None, repr=False)
 
     @property
     def multi_objective(self) -> bool:
@@ -232,9 +234,12 @@ def load_search(name: str, *, storage: str | Path | None = None,
     frame = build_frame(records, param_keys=keys) if records else empty_frame(keys)
     frame.attrs = {"search": name, "objectives": [[o.metric, o.mode] for o in objectives],
                    "params": keys}
+    from stain_search.deploy.confirmed import confirmation
+
     return Search(name=name, search_dir=search_dir, tracking_uri=uri,
                   experiment_id=experiment_id, parent_run_id=parent, objectives=objectives,
-                  params=params, base=record.base, study=study, frame=frame)
+                  params=params, base=record.base, study=study, frame=frame,
+                  confirmation=confirmation(sdir, tracking_uri=uri))
 
 
 def save_parquet(frame: pd.DataFrame, path: str | Path) -> Path:

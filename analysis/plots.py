@@ -13,6 +13,7 @@ no pyplot state, so they are safe in threads, tests and servers.
                       training plots), coloured by the most important parameter
 - ``best_so_far``     best objective against cumulative compute
 - ``image_grid``      input | each top trial's output | target
+- ``confirmation``    the top configurations' mean ± std over new seeds (error bars)
 """
 
 from __future__ import annotations
@@ -340,3 +341,44 @@ def image_grid(inputs: np.ndarray, outputs: dict[str, np.ndarray],
     fig.suptitle("Top trials on the same validation tiles")
     return fig
 
+
+# --- over seeds ----------------------------------------------------------------------------
+
+def confirmation(conf) -> Figure:
+    """One panel per metric of a confirmation (``stain_search.deploy.confirmed``):
+    each configuration's mean ± std over the new seeds as an error bar, every
+    seed run as a dot, the search's own run (left out of the mean) as a hollow
+    diamond. Best-confirmed first, left to right."""
+    configs = [c for c in conf.configs if c.n > 0]
+    metrics = conf.metrics
+    fig, axes = _grid(1, max(len(metrics), 1), w=3.4, h=3.2)
+    x = np.arange(len(configs))
+    for col, m in enumerate(metrics):
+        ax = axes[0, col]
+        if not configs:
+            _empty(ax, "no confirmation run has finished yet")
+            continue
+        for i, c in enumerate(configs):
+            seeds = [r.best.metrics.get(m) for r in c.runs if r.best is not None]
+            seeds = np.array([v for v in seeds if isinstance(v, (int, float))], dtype=float)
+            ax.scatter(np.full(len(seeds), i) + np.linspace(-0.12, 0.12, len(seeds)), seeds,
+                       s=14, color="#7f7f7f", zorder=2, label="a seed run" if i == 0 else None)
+            std = c.std.get(m, np.nan)
+            ax.errorbar([i], [c.mean.get(m, np.nan)], yerr=[0 if not np.isfinite(std) else std],
+                        fmt="o", color="#1f77b4", capsize=5, zorder=3,
+                        label="mean ± std over seeds" if i == 0 else None)
+            original = c.original.get(m)
+            if isinstance(original, (int, float)):
+                ax.scatter([i + 0.25], [original], marker="D", s=30, facecolors="none",
+                           edgecolors="#d62728", zorder=3,
+                           label="the search's run" if i == 0 else None)
+        ax.set_xticks(x, [f"#{c.number}" for c in configs])
+        ax.set_xlim(-0.6, len(configs) - 0.4)
+        ax.set_ylabel(metric_label(m))
+        ax.grid(alpha=0.3, axis="y")
+    if configs:  # below the panels: inside, it would hide a point
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center",
+                   ncols=3, fontsize="small")
+    fig.suptitle(f"Top configurations re-trained with train.seed "
+                 f"{', '.join(map(str, conf.seeds))} — best confirmed mean on the left")
+    return fig

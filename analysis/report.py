@@ -179,6 +179,8 @@ def make_figures(search: Search, analysis: Analysis, folder: Path, *,
     keep("loss_curves", plots.loss_curves(search.frame, colour_by=colour,
                                           log_colour=colour is not None and search.is_log(colour),
                                           chosen=analysis.chosen))
+    if search.confirmation is not None and search.confirmation.finished:
+        keep("confirmation", plots.confirmation(search.confirmation))
     if images:
         grid, why = top_trials_grid(search, analysis, n=grid_trials, tiles=grid_tiles)
         if grid is not None:
@@ -244,6 +246,10 @@ CAPTIONS = {
     "loss_curves": "Training losses per trial (epoch means). Discriminator losses falling to "
                    "zero while G's loss climbs is the classic sign of a winning discriminator; "
                    "colour follows the parameter that mattered most.",
+    "confirmation": "`stain-search confirm` re-trained the top configurations with new seeds. "
+                    "Blue: mean ± std over the new seeds; grey: each seed run (its best kept "
+                    "checkpoint); red diamond: the search's own run, left out of the mean (it "
+                    "was picked for being best). Bars that overlap cannot be told apart.",
     "top_trials_images": "The best trials' generators G on the same validation tiles. Compare "
                          "nuclei, fibres and lumens with the input: a good translation keeps "
                          "every structure and only changes its colour.",
@@ -325,6 +331,40 @@ def importance_html(search: Search, analysis: Analysis) -> str:
     return "".join(parts) or '<p class="note">No complete trials yet.</p>'
 
 
+def confirmation_html(conf) -> str:
+    """The confirmation's table (mean ± std per configuration) and its verdict."""
+    e = html.escape
+
+    def pm(c, m: str) -> str:
+        if m not in c.mean:
+            return "-"
+        std = c.std.get(m, float("nan"))
+        return f"{_fmt(c.mean[m])} ± {_fmt(std)}" if np.isfinite(std) else _fmt(c.mean[m])
+
+    first = conf.objectives[0][0]
+    head = ('<tr><th>rank</th><th class="l">trial</th><th>seeds</th>'
+            + "".join(f"<th>{e(plots.metric_label(m))} mean ± std</th>" for m in conf.metrics)
+            + f"<th>search's {e(first)}</th></tr>")
+    chosen = ' class="chosen"'
+    rows = "".join(
+        f"<tr{chosen if c.rank == 1 else ''}><td>{c.rank or '-'}</td>"
+        f'<td class="l">{e(c.trial)} (#{_fmt(c.number)})</td><td>{c.n}'
+        f"{f' ({c.failed} failed)' if c.failed else ''}</td>"
+        + "".join(f"<td>{e(pm(c, m))}</td>" for m in conf.metrics)
+        + f"<td>{_fmt(c.original.get(first))}</td></tr>" for c in conf.configs)
+    verdict = ("" if conf.holds is None else
+               f"<p>The search's ranking <b>{'holds' if conf.holds else 'does not survive'}"
+               f"</b> over train.seed {e(', '.join(map(str, conf.seeds)))}.</p>")
+    notes = "".join(f"<li>{e(n)}</li>" for n in conf.notes)
+    deploy = ("" if conf.deploy is None else
+              f'<p class="note">After the confirmation, deploy <b>{e(conf.deploy.trial)}</b> at '
+              f"epoch {conf.deploy.epoch} (<code>stain-search export {e(conf.search)} "
+              f"--confirmed</code>).</p>")
+    return (f"<p>{conf.finished} of {conf.expected} re-training runs finished.</p>{verdict}"
+            f'<div class="wide"><table>{head}{rows}</table></div>'
+            + (f"<ul>{notes}</ul>" if notes else "") + deploy)
+
+
 def render_html(search: Search, analysis: Analysis, figures: dict[str, Path], *,
                 ui: str, top: int, notes: list[str], parquet: Path | None) -> str:
     e = html.escape
@@ -347,12 +387,16 @@ def render_html(search: Search, analysis: Analysis, figures: dict[str, Path], *,
                         f'{e(str(r["trial"]))}</b> (Optuna #{_fmt(r["number"])}) at epoch '
                         f"{_fmt(analysis.chosen_epoch)} (the rule of <code>stain-search best"
                         f"</code>); trial's last values {vals}; {params}.</p>")
-    sections.append("<h2>What mattered</h2>" + importance_html(search, analysis))
 
     def figure(name: str, title: str) -> None:
         if name in figures:
             sections.append(f"<h2>{e(title)}</h2><figure>{_img(figures[name], title)}"
                             f"<figcaption>{e(CAPTIONS[name])}</figcaption></figure>")
+
+    if search.confirmation is not None:
+        sections.append("<h2>Confirmed over seeds</h2>" + confirmation_html(search.confirmation))
+        figure("confirmation", "Top configurations over seeds")
+    sections.append("<h2>What mattered</h2>" + importance_html(search, analysis))
 
     figure("importance", "Parameter importance")
     figure("param_effects", "Parameters against objectives")

@@ -37,6 +37,7 @@ class SearchInterrupted(Exception):
     """The user (or a scheduler) stopped a search; `resume` continues it.
     Not a StainSearchError: nothing was wrong, and the exit status is 130."""
 
-    def __init__(self, name: str, signame: str):
+    def __init__(self, name: str, signame: str, command: str | None = None):
         self.name, self.signame = name, signame
-        super().__init__(f"interrupted ({signame}) — `stain-search resume {name}` continues it")
+        command = command or f"stain-search resume {name}"
+        super().__init__(f"interrupted ({signame}) — `{command}` continues it")

@@ -233,10 +233,35 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     spec = load_space(space, data=data, profile=profile)
     if name:
         spec.name = name
+    return search_spec(spec, SearchDir.of(storage, spec.name), tracking_uri=tracking_uri,
+                       address=address, resume=resume, num_samples=num_samples,
+                       max_concurrent=max_concurrent, verbose=verbose, live=live, say=say)
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """How the search's MLflow parent run is made (a confirmation nests its own
+    under the search it confirms)."""
+
+    nested_in: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What continues it, in the stop messages (default: `stain-search resume NAME`)
+    resume_command: str | None = None
+
+    def continued_by(self, name: str) -> str:
+        return self.resume_command or f"stain-search resume {name}"
+
+
+def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None = None,
+                address: str | None = None, resume: bool = False,
+                num_samples: int | None = None, max_concurrent: int | None = None,
+                verbose: int = 1, live: bool = False, say=None,
+                parent_run: ParentRun = ParentRun()) -> SearchOutcome:
+    """:func:`run_search` on a parsed space, in the folder ``sdir``."""
     say = say or (lambda line: None)
     if not verbose:
         quiet_libraries()
-    sdir = SearchDir.of(storage, spec.name)
     # Pre-flight, writing nothing: the folder is not another search's, no
     # driver runs it, every image decodes, and the tracking store answers.
     saved = check_search_dir(spec, sdir, resume=resume)
@@ -252,11 +277,12 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     try:
         with DriverLock(sdir.lock_file, sdir.driver_file, name=spec.name):
             return _drive(spec, sdir, saved, budget, base_config, client, uri,
-                          address=address, verbose=verbose, live=live, say=say)
+                          address=address, verbose=verbose, live=live, say=say,
+                          parent_run=parent_run)
     except OSError as err:
         if is_storage_error(err):
             raise StorageFull(f"search {spec.name!r}: {storage_error_message(err)} "
-                              f"(`stain-search resume {spec.name}`)") from None
+                              f"(`{parent_run.continued_by(spec.name)}`)") from None
         raise
 
 
@@ -271,7 +297,7 @@ def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
 
 def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget: Budget,
            base_config: Config, client, uri: str, *, address: str | None,
-           verbose: int, live: bool, say) -> SearchOutcome:
+           verbose: int, live: bool, say, parent_run: ParentRun) -> SearchOutcome:
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -285,7 +311,8 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     parent = tracking.start_search_run(
         client, experiment_id, search=spec.name, search_id=record.search_id,
         objective=[asdict(o) for o in spec.objectives], study=sdir.study_journal,
-        search_dir=sdir.root, artifacts=[sdir.space_file, sdir.record_file])
+        search_dir=sdir.root, artifacts=[sdir.space_file, sdir.record_file],
+        nested_in=parent_run.nested_in, run_name=parent_run.run_name, extra_tags=parent_run.tags)
     tracking.log_params(client, parent, {"space": str(spec.path), "git_commit": git_commit(),
                                          "num_samples": budget.num_samples,
                                          "algorithm": spec.search.algorithm}
@@ -316,7 +343,8 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                 stopper.request("storage", str(result["storage_error"]))
 
         searcher = StudySearcher(spec, sdir.study_journal, resume=unfinished,
-                                 stopping=lambda: stopper.stopping, on_result=on_result)
+                                 stopping=lambda: stopper.stopping, on_result=on_result,
+                                 told=lambda number: deploy_values(sdir, spec, number))
         trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
                                         trial_resources(spec.resources))
         first = spec.objectives[0]
@@ -364,12 +392,13 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
             if started:
                 ray.shutdown()
     elapsed = time.perf_counter() - t0
+    resume = parent_run.continued_by(spec.name)
     if stopper.stopping:
         tracking.end_search_run(client, parent, status="KILLED")
         if stopper.reason.kind == "storage":
             raise StorageFull(f"search {spec.name!r} stopped: {stopper.reason.detail} "
-                              f"(`stain-search resume {spec.name}`)")
-        raise SearchInterrupted(spec.name, stopper.reason.detail)
+                              f"(`{resume}`)")
+        raise SearchInterrupted(spec.name, stopper.reason.detail, resume)
     # Every Tune trial ended normally: what is still RUNNING can never finish.
     fail_stale_trials(study, keep_numbers=set())
     tracking.fail_orphans(client, experiment_id, search=spec.name, search_id=record.search_id)
@@ -382,6 +411,17 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
 
 
 # --- 5. the checkpoint to deploy ------------------------------------------------------------
+
+def deploy_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float] | None:
+    """What the study is told for a finished trial: the objective values of the
+    checkpoint the deploy rule would pick in it (its best kept epoch, not its
+    last), so the sampler learns the quantity the user deploys by."""
+    from stain_search.deploy.select import trial_best
+
+    objectives = [(o.metric, o.mode) for o in spec.objectives]
+    best = trial_best(sdir.trial(number), objectives)
+    return None if best is None else best.values(objectives)
+
 
 def deploy_selection(sdir: SearchDir, uri: str):
     from stain_search.deploy.select import select_dir

@@ -11,6 +11,8 @@ Everything a search keeps lives under one folder::
         tune/           Ray Tune's experiment files (logs; resume does not need them)
         trials/trial_NNN/checkpoint_epoch_XXXX/   kept checkpoints of Optuna trial NNN
         summary.json    the checkpoint to deploy, when the search ends
+        confirm/        `stain-search confirm`: the top trials re-trained with new seeds,
+                        itself laid out as a search folder (search.json, study.journal, trials/)
         exports/        `stain-search export` output
 
 ``search.json`` holds three things, kept apart on purpose:
@@ -192,6 +194,12 @@ class SearchDir:
     @property
     def summary_file(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def confirmation(self) -> "SearchDir":
+        """``confirm/``: `stain-search confirm`'s runs, a search folder of its own
+        (its record, study and trials) inside the search it confirms."""
+        return SearchDir(self.root / "confirm")
 
     @property
     def exports(self) -> Path:

@@ -83,6 +83,9 @@ class SearchSettings:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     # Points to try first, e.g. the paper's defaults: [{loss.lambda_cycle: 10}]
     enqueue: list | None = None
+    # Optuna user attributes of each enqueued point, ``stain_search.*`` keys
+    # (not from YAML: `stain-search confirm` sets what each run confirms).
+    enqueue_attrs: list | None = None
     # NSGA-II's generation size; its first generation is random, so a search
     # needs at least two generations (num_samples ≥ 2 × population_size).
     population_size: int = 8

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 # Keys the searcher adds to each trial's config beside the suggested values.
 OPTUNA_TRIAL_ID, OPTUNA_NUMBER, PARAMS = "optuna_trial_id", "optuna_number", "params"
+# The study trial's user attributes named ``stain_search.*`` (set when a trial
+# is enqueued, e.g. the configuration a confirmation run confirms): the trial
+# puts them on its MLflow run as tags.
+TAGS, TAG_PREFIX = "tags", "stain_search."
 TS = optuna.trial.TrialState
 FINISHED = (TS.COMPLETE, TS.PRUNED, TS.FAIL)
 
@@ -94,8 +98,9 @@ def create_study(spec: SearchSpec, path: Path) -> optuna.Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([o.metric for o in spec.objectives])
-        for point in spec.search.enqueue or []:
-            study.enqueue_trial(dict(point))
+        attrs = spec.search.enqueue_attrs or []
+        for i, point in enumerate(spec.search.enqueue or []):
+            study.enqueue_trial(dict(point), user_attrs=attrs[i] if i < len(attrs) else None)
     return study
 
 
@@ -179,11 +184,15 @@ class StudySearcher(Searcher):
     disk): trials that end then without a final result are not told to the
     study, so they stay RUNNING and the next resume continues them.
     ``on_result`` sees every result first (the driver watches for storage
-    errors and progress there)."""
+    errors and progress there). ``told`` gives, for a finished trial's number,
+    the objective values to tell the study instead of its last result: the
+    driver passes the deploy rule's values (the trial's best kept checkpoint),
+    so the sampler learns the same quantity the user deploys by."""
 
     def __init__(self, spec: SearchSpec, study_path: Path, *, resume: list[int] = (),
                  stopping: Callable[[], bool] = lambda: False,
-                 on_result: Callable[[str, dict], None] | None = None):
+                 on_result: Callable[[str, dict], None] | None = None,
+                 told: Callable[[int], list[float] | None] | None = None):
         first = spec.objectives[0]
         super().__init__(metric=first.metric, mode=first.mode)
         self.spec = spec
@@ -191,6 +200,7 @@ class StudySearcher(Searcher):
         self.resume = list(resume)
         self.stopping = stopping
         self.on_result = on_result
+        self.told = told
         self._study: optuna.Study | None = None
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
 
@@ -205,6 +215,7 @@ class StudySearcher(Searcher):
         state["_study"] = None  # file handles and locks do not travel
         state["stopping"] = None
         state["on_result"] = None
+        state["told"] = None
         return state
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -217,11 +228,12 @@ class StudySearcher(Searcher):
             frozen = self.study.trials[number]
             self.numbers[trial_id] = number
             return {PARAMS: dict(frozen.params), OPTUNA_TRIAL_ID: frozen._trial_id,
-                    OPTUNA_NUMBER: number}
+                    OPTUNA_NUMBER: number, TAGS: run_tags(frozen.user_attrs)}
         trial = self.study.ask()
         values = suggest(trial, self.spec.params)
         self.numbers[trial_id] = trial.number
-        return {PARAMS: values, OPTUNA_TRIAL_ID: trial._trial_id, OPTUNA_NUMBER: trial.number}
+        return {PARAMS: values, OPTUNA_TRIAL_ID: trial._trial_id, OPTUNA_NUMBER: trial.number,
+                TAGS: run_tags(trial.user_attrs)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.on_result is not None:
@@ -243,6 +255,9 @@ class StudySearcher(Searcher):
         if frozen.state.is_finished():
             return
         state, values = outcome(self.spec, result, error=error)
+        deployed = self.told(number) if state == TS.COMPLETE and self.told else None
+        if deployed is not None:
+            values = deployed if self.spec.multi_objective else deployed[0]
         try:
             self.study.tell(number, values, state=state, skip_if_finished=True)
         except (ValueError, RuntimeError) as err:  # e.g. a NaN objective
@@ -257,6 +272,10 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.numbers = dict(json.loads(Path(checkpoint_path).read_text()).get("numbers", {}))
+
+
+def run_tags(user_attrs: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in user_attrs.items() if k.startswith(TAG_PREFIX)}
 
 
 def outcome(spec: SearchSpec, result: dict | None, *, error: bool):

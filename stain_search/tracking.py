@@ -23,6 +23,10 @@ Schema (what analysis/ and deploy/ read back):
                   metrics per epoch (step = epoch): LOSS_NAMES, fid or fd_random,
                   ssim_structure, ssim_gt, psnr_gt, ki67_f1, output_diversity...;
                   artifacts: samples/epoch_XXXX.png, best/ (best checkpoint)
+    confirmation = `stain-search confirm`: a search of its own (own search id),
+                  its parent run nested under the search's (stain_search.confirms_search
+                  = the search's id); each child run also tagged stain_search.confirms
+                  (the trial it re-trains) and stain_search.seed
 
 The default store is MLflow's own default, a SQLite file ``mlflow.db`` in the
 folder the command runs from — resolved to an absolute URI on the driver,
@@ -53,6 +57,12 @@ RESUMED_FROM, DIVERGED = "stain_search.resumed_from_epoch", "stain_search.diverg
 # (two folders, a team's server) never share or mix runs.
 SEARCH_ID = "stain_search.search_id"
 TUNE_TRIAL = "stain_search.tune_trial_id"
+# A confirmation (`stain-search confirm`): its runs re-train a search's trial
+# with another train.seed. On its parent run: the search id it confirms; on
+# each child: the trial (trial_NNN) and the seed.
+CONFIRMS, CONFIRMS_SEARCH, SEED = ("stain_search.confirms", "stain_search.confirms_search",
+                                   "stain_search.seed")
+CONFIRMS_NUMBER = "stain_search.confirms_number"  # that trial's Optuna number
 STATUSES = ("running", "finished", "pruned", "failed")
 
 
@@ -147,15 +157,21 @@ def find_run(c, experiment_id: str, *, tags: dict[str, str]) -> Any | None:
 
 
 def start_search_run(c, experiment_id: str, *, search: str, search_id: str, objective: Any,
-                     study: Path, search_dir: Path, artifacts: Iterable[Path] = ()) -> str:
+                     study: Path, search_dir: Path, artifacts: Iterable[Path] = (),
+                     nested_in: str | None = None, run_name: str | None = None,
+                     extra_tags: dict[str, str] | None = None) -> str:
     """The parent run of a search; found again (not duplicated) on resume, by the
-    search's id: another search of the same name gets its own parent run."""
+    search's id: another search of the same name gets its own parent run.
+    ``nested_in``: the run it shows under in the UI (a confirmation's search)."""
     run = find_run(c, experiment_id, tags={ROLE: "search", SEARCH_ID: search_id})
     if run is None:
-        run = c.create_run(experiment_id, run_name=f"{search} {search_id[:6]}", tags={
-            ROLE: "search", SEARCH: search, SEARCH_ID: search_id,
-            OBJECTIVE: json.dumps(objective), STUDY: str(study),
-            SEARCH_DIR: str(search_dir)})
+        tags = {ROLE: "search", SEARCH: search, SEARCH_ID: search_id,
+                OBJECTIVE: json.dumps(objective), STUDY: str(study),
+                SEARCH_DIR: str(search_dir), **(extra_tags or {})}
+        if nested_in:
+            tags[PARENT] = nested_in
+        run = c.create_run(experiment_id, run_name=run_name or f"{search} {search_id[:6]}",
+                           tags=tags)
         for path in artifacts:
             c.log_artifact(run.info.run_id, str(path))
     elif run.info.status != "RUNNING":
@@ -166,8 +182,10 @@ def start_search_run(c, experiment_id: str, *, search: str, search_id: str, obje
 def start_trial_run(c, experiment_id: str, *, parent_run_id: str, search: str,
                     search_id: str, trial: str, optuna_trial: int | None,
                     params: dict[str, Any], searched: Iterable[str], checkpoints: Path,
-                    run_name: str | None = None, tune_trial_id: str | None = None) -> str:
-    """The child run of one trial; a restarted or resumed trial continues its own run."""
+                    run_name: str | None = None, tune_trial_id: str | None = None,
+                    extra_tags: dict[str, str] | None = None) -> str:
+    """The child run of one trial; a restarted or resumed trial continues its own run.
+    ``extra_tags``: more tags for a new run (e.g. what a confirmation run confirms)."""
     run = find_run(c, experiment_id, tags={ROLE: "trial", SEARCH_ID: search_id, TRIAL: trial})
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
@@ -180,6 +198,7 @@ def start_trial_run(c, experiment_id: str, *, parent_run_id: str, search: str,
         tags[OPTUNA_TRIAL] = str(optuna_trial)
     if tune_trial_id is not None:
         tags[TUNE_TRIAL] = tune_trial_id
+    tags = {**tags, **(extra_tags or {})}
     run = c.create_run(experiment_id, run_name=run_name or trial, tags=tags)
     log_params(c, run.info.run_id, params)
     return run.info.run_id

@@ -37,11 +37,12 @@ def test_real_search_frame_and_report(finished_search, tmp_path):
     # One row per trial × epoch: epochs are 1..n for each trial, none repeated.
     for _, rows in frame.groupby("trial"):
         assert list(rows["epoch"]) == list(range(1, len(rows) + 1))
-    # The study's values are the last epoch's metric (what the search ranked on).
+    # The study's values are the deploy rule's: each trial's best epoch (the
+    # kept checkpoints always include it), what the user will deploy by.
     for t in search.study.get_trials(deepcopy=False):
         if t.state.name == "COMPLETE":
-            last = frame[frame["number"] == t.number].dropna(subset=[objective]).iloc[-1]
-            assert last[objective] == pytest.approx(t.values[0])
+            epochs = frame[frame["number"] == t.number].dropna(subset=[objective])
+            assert epochs[objective].min() == pytest.approx(t.values[0])
 
     report = write_report(fs.name, storage=fs.search_dir.parent, tracking_uri=fs.tracking_uri,
                           out=tmp_path / "report.html", parquet=tmp_path / "t.parquet",

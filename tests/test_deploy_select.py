@@ -196,4 +196,5 @@ def test_best_says_when_the_study_was_told_another_epoch():
     objectives = [("kd_random", "min")]
     ranked = rank([_candidate("trial_001", 1, 2, 0.05, float("nan"))], objectives)
     [note] = certainty_notes(ranked, objectives, {1: SimpleNamespace(values=[0.09])})
-    assert "holds #1's last epoch, kd_random = 0.09; the deploy rule picks its epoch 2" in note
+    assert "holds another value of #1, kd_random = 0.09" in note
+    assert "the deploy rule picks its epoch 2" in note

@@ -46,7 +46,7 @@ from stain_search.errors import TrainingDiverged
 from stain_search.evaluate import COUNT_KEYS
 from stain_search.search_dir import trial_name
 from stain_search.stopping import is_storage_error, storage_error_message
-from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TrialPruning
+from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TAGS, TrialPruning
 from stain_search.train import run_training
 
 KEEP_CHECKPOINTS = 2  # per trial, the best by the first objective (+ the newest)
@@ -222,7 +222,7 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
         search_id=ctx.search_id, trial=name, optuna_trial=number, params=config.flat(),
         searched=params.keys(), checkpoints=ctx.search_dir.trial(number),
         tune_trial_id=ray.tune.get_context().get_trial_id(),
-        run_name=tracking.trial_run_name(number, params))
+        run_name=tracking.trial_run_name(number, params), extra_tags=tune_config.get(TAGS))
     wctx = WorkerContext(trial=ctx, config=config, trial_name=name, number=number,
                          study_trial_id=int(tune_config[OPTUNA_TRIAL_ID]), run_id=run_id)
     first = ctx.first_objective

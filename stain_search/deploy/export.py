@@ -52,6 +52,7 @@ from stain_search.data.prepare import manifest_mpp
 from stain_search.deploy.stain_norm import training_stain_statistics
 from stain_search.errors import ConfigError, StainSearchError
 from stain_search.models import build_generator
+from stain_search.progress import progress
 
 DEFAULT_ALIAS = "champion"
 ONNX_OPSET = 17
@@ -63,6 +64,12 @@ INPUT_SPEC = {"channels": "RGB", "dtype": "uint8", "layout": "(H, W, 3)",
               "tensor": "(B, 3, H, W) float32"}
 OUTPUT_SPEC = {"range": [-1.0, 1.0], "tensor": "(B, 3, H, W) float32",
                "to_uint8": "round((clamp(y, -1, 1) + 1) * 127.5)"}
+
+Step = Callable[[str], None]  # "what runs now", for the progress line of `stain-search export`
+
+
+def _no_step(what: str) -> None:
+    pass
 
 
 
@@ -115,7 +122,8 @@ PORTABLE: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int) -> dict[str, Any] | None:
+def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int,
+                   on_step: Step = _no_step) -> dict[str, Any] | None:
     """Write G in a portable format and check it against G on a fresh size.
 
     ``auto`` tries ONNX (if onnx/onnxruntime import), then TorchScript; a
@@ -136,7 +144,9 @@ def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int) -> dic
         file, write, run = PORTABLE[name]
         path = folder / file
         try:
+            on_step(f"writing {file}")
             spec = write(net, path, probe)
+            on_step(f"checking {file} against G")
             with torch.inference_mode():
                 diff = float((run(path, check) - net(check)).abs().max())
             if not diff <= PORTABLE_TOLERANCE:
@@ -157,9 +167,10 @@ def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int) -> dic
 
 def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | Path, *,
                  provenance: dict[str, Any], portable: str = "auto",
-                 overwrite: bool = False, data: dict[str, Any] | None = None) -> Path:
+                 overwrite: bool = False, data: dict[str, Any] | None = None,
+                 on_step: Step = _no_step) -> Path:
     """Write an export folder for G's ``state`` (built under a temporary name,
-    renamed into place at the end)."""
+    renamed into place at the end); ``on_step`` hears what runs now."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -173,8 +184,9 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
                          f"({str(err).splitlines()[0]})") from None
     with atomic_dir(out) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        on_step(f"writing {WEIGHTS_FILE}")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        portable_spec = write_portable(net, tmp, portable, depth=model.depth)
+        portable_spec = write_portable(net, tmp, portable, depth=model.depth, on_step=on_step)
         files = [WEIGHTS_FILE] + ([portable_spec["file"]] if portable_spec else [])
         info = {
             "format": FORMAT,
@@ -198,9 +210,10 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
                       provenance: dict[str, Any] | None = None, portable: str = "auto",
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, on_step: Step = _no_step) -> Path:
     """A training checkpoint (``checkpoint_epoch_XXXX/``) → an export folder."""
     checkpoint = Path(checkpoint)
+    on_step("reading the checkpoint")
     state, meta = read_checkpoint(checkpoint)
     if not isinstance(state, dict) or "G" not in state:
         raise ModelError(f"{checkpoint}: checkpoint holds no generator G")
@@ -209,8 +222,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     prov = {"checkpoint": str(checkpoint.resolve()), "epoch": meta.get("epoch"),
             "metrics": meta.get("metrics", {}), "data": data_cfg.get("path"),
             **(provenance or {})}
+    on_step("stain statistics of the training data")
+    data = training_data(data_cfg)
     return write_export(state["G"], model, out, provenance=prov, portable=portable,
-                        overwrite=overwrite, data=training_data(data_cfg))
+                        overwrite=overwrite, data=data, on_step=on_step)
 
 
 def training_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -370,25 +385,59 @@ def export_search(name: str, *, storage: str | Path | None = None,
                   epoch: int | None = None, out: str | Path | None = None,
                   constraints=(), register: bool = True, model_name: str | None = None,
                   alias: str = DEFAULT_ALIAS, portable: str = "auto",
-                  overwrite: bool = False) -> ExportResult:
-    """Export the best checkpoint of search ``name`` (or ``trial``/``epoch``)."""
+                  overwrite: bool = False, confirmed: bool = False) -> ExportResult:
+    """Export the best checkpoint of search ``name`` (or ``trial``/``epoch``); at a
+    terminal a spinner on stderr says which step runs (an ONNX export takes a while).
+    ``confirmed``: the checkpoint ``stain-search confirm`` names instead (the deploy
+    rule within the configuration best by its mean over seeds)."""
     from stain_search.deploy.select import pick, select
 
-    selection = select(name, storage=storage, tracking_uri=tracking_uri, constraints=constraints)
-    chosen = pick(selection, trial=trial, epoch=epoch)
-    name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"
-    out = Path(out) if out else SearchDir(selection.search_dir).exports / name_out
-    provenance = {"search": name, "search_dir": str(selection.search_dir),
-                  "trial": chosen.trial, "optuna_trial": chosen.number,
-                  "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
-                  "params": chosen.params, "rank": chosen.rank,
-                  "objectives": [{"metric": m, "mode": mode} for m, mode in selection.objectives]}
-    folder = export_checkpoint(chosen.checkpoint, out, provenance=provenance, portable=portable,
-                               overwrite=overwrite)
-    registered = None
-    if register:
-        registered = register_export(folder, tracking_uri=tracking_uri,
-                                     model_name=model_name or name, alias=alias,
-                                     experiment=name, parent_run_id=chosen.run_id)
-    return ExportResult(folder=folder, candidate=chosen, objectives=selection.objectives,
+    with progress("export: ranking checkpoints") as advance:
+        def step(what: str) -> None:
+            advance(0, description=f"export: {what}")
+
+        if confirmed:
+            chosen, search_dir, objectives = _confirmed_choice(
+                name, storage=storage, tracking_uri=tracking_uri, trial=trial, epoch=epoch,
+                constraints=constraints)
+        else:
+            selection = select(name, storage=storage, tracking_uri=tracking_uri,
+                               constraints=constraints)
+            chosen = pick(selection, trial=trial, epoch=epoch)
+            search_dir, objectives = selection.search_dir, selection.objectives
+        name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"
+        out = Path(out) if out else SearchDir(search_dir).exports / name_out
+        provenance = {"search": name, "search_dir": str(search_dir),
+                      "trial": chosen.trial, "optuna_trial": chosen.number,
+                      "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
+                      "params": chosen.params, "rank": chosen.rank, "confirmed": confirmed,
+                      "objectives": [{"metric": m, "mode": mode} for m, mode in objectives]}
+        folder = export_checkpoint(chosen.checkpoint, out, provenance=provenance,
+                                   portable=portable, overwrite=overwrite, on_step=step)
+        registered = None
+        if register:
+            step("registering the model in MLflow")
+            registered = register_export(folder, tracking_uri=tracking_uri,
+                                         model_name=model_name or name, alias=alias,
+                                         experiment=name, parent_run_id=chosen.run_id)
+    return ExportResult(folder=folder, candidate=chosen, objectives=objectives,
                         registered=registered)
+
+
+def _confirmed_choice(name: str, *, storage, tracking_uri, trial, epoch, constraints):
+    """(candidate, search folder, objectives) of the confirmation's choice."""
+    from stain_search.deploy.confirmed import confirmation
+
+    if trial is not None or epoch is not None or constraints:
+        raise ConfigError("--confirmed exports the confirmation's choice; --trial, --epoch, "
+                          "--min and --max pick a checkpoint themselves: drop one of them")
+    sdir = SearchDir.of(storage, name)
+    sdir.read_record()  # no such search: one line
+    conf = confirmation(sdir, tracking_uri=tracking_uri)
+    if conf is None:
+        raise ConfigError(f"search {name!r} has no confirmation yet; run `stain-search "
+                          f"confirm {name} --top 3 --seeds 3` first")
+    if conf.deploy is None:
+        raise ConfigError(f"search {name!r}: no confirmation run has finished; continue it "
+                          f"with `stain-search confirm {name}` and the same --top/--seeds")
+    return conf.deploy, sdir.root, conf.objectives

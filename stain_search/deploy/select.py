@@ -219,19 +219,34 @@ def _match_number(params: dict[str, Any], trials: list[Any]) -> int | None:
 
 def gather(sdir: SearchDir, keys: list[str], dropped: dict[str, int]) -> list[Candidate]:
     """Every readable checkpoint under ``trials/``."""
+    return [c for folder in sorted(p for p in sdir.trials.glob("*") if p.is_dir())
+            for c in gather_trial(folder, keys, dropped)]
+
+
+def gather_trial(folder: Path, keys: list[str], dropped: dict[str, int]) -> list[Candidate]:
+    """Every readable checkpoint of one trial's folder."""
     out = []
-    for folder in sorted(p for p in sdir.trials.glob("*") if p.is_dir()):
-        for ckpt in list_checkpoints(folder):
-            try:
-                meta = read_meta(ckpt)
-            except CheckpointError:
-                dropped["unreadable checkpoint"] = dropped.get("unreadable checkpoint", 0) + 1
-                continue
-            config = flat_config(meta.get("config", {}))
-            out.append(Candidate(trial=folder.name, epoch=int(meta.get("epoch", 0)),
-                                 metrics=dict(meta.get("metrics") or {}),
-                                 params={k: config.get(k) for k in keys}, checkpoint=ckpt))
+    for ckpt in list_checkpoints(folder):
+        try:
+            meta = read_meta(ckpt)
+        except CheckpointError:
+            dropped["unreadable checkpoint"] = dropped.get("unreadable checkpoint", 0) + 1
+            continue
+        config = flat_config(meta.get("config", {}))
+        out.append(Candidate(trial=folder.name, epoch=int(meta.get("epoch", 0)),
+                             metrics=dict(meta.get("metrics") or {}),
+                             params={k: config.get(k) for k in keys}, checkpoint=ckpt))
     return out
+
+
+def trial_best(folder: Path, objectives: list[tuple[str, str]]) -> Candidate | None:
+    """The deploy rule within one trial: its checkpoint a search would deploy
+    if it were the only trial. What the study is told for the trial (so the
+    sampler learns the quantity the user deploys by) and what a confirmation
+    run counts."""
+    ranked = rank([c for c in gather_trial(folder, [], {})
+                   if None not in c.values(objectives)], objectives)
+    return ranked[0] if ranked else None
 
 
 def select(name: str, *, storage: str | Path | None = None, tracking_uri: str | None = None,
@@ -303,8 +318,9 @@ def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
                     study_trials: dict[int, Any]) -> list[str]:
     """How sure the choice is: the best's margin over the runner-up (the best
     checkpoint of another trial) against the metric's spread over evaluation
-    subsets (KID's ``…_std``), and where the study was told another value than
-    the rule deploys by (a trial's last epoch, not its best)."""
+    subsets (KID's ``…_std``), and where the study holds another value than the
+    rule deploys by (searches made before the driver told the study each trial's
+    deploy-rule value kept its last epoch)."""
     if not ranked:
         return []
     best, metric = ranked[0], objectives[0][0]
@@ -327,9 +343,11 @@ def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
     values = getattr(told, "values", None)
     if values and len(objectives) == 1 and math.isfinite(values[0]):
         if not math.isclose(values[0], best.metrics[metric], rel_tol=1e-9, abs_tol=1e-12):
-            notes.append(f"the study (what the sampler learns from) holds #{best.number}'s "
-                         f"last epoch, {metric} = {values[0]:.4g}; the deploy rule picks its "
-                         f"epoch {best.epoch}, {metric} = {best.metrics[metric]:.4g}")
+            notes.append(f"the study (what the sampler learns from) holds another value of "
+                         f"#{best.number}, {metric} = {values[0]:.4g} (its last epoch: searches "
+                         f"before stain-search told the study the deploy rule's value); the "
+                         f"deploy rule picks its epoch {best.epoch}, {metric} = "
+                         f"{best.metrics[metric]:.4g}")
     return notes
 
 
