@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from stain_search.cli_parser import build_parser
+from stain_search.progress import is_terminal, progress_enabled
 from stain_search.errors import EXIT_INTERRUPTED, ConfigError, SearchInterrupted, StainSearchError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -151,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          resume=args.resume, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent,
                          profile=getattr(args, "profile", None), verbose=args.verbose,
-                         live=not args.verbose and sys.stdout.isatty(),
+                         live=not args.verbose and is_terminal(sys.stdout),
                          say=lambda line: print(line, flush=True))
     print(format_summary(outcome))
     return 0 if outcome.selection.best() is not None else 1
@@ -282,7 +283,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         outcome = run_confirm(args.name, top=args.top, seeds=args.seeds, storage=args.storage,
                               tracking_uri=args.tracking_uri, address=args.address,
                               max_concurrent=args.max_concurrent, verbose=args.verbose,
-                              live=not args.verbose and sys.stdout.isatty(),
+                              live=not args.verbose and is_terminal(sys.stdout),
                               say=lambda line: print(line, flush=True))
     conf = outcome.confirmation
     print(json.dumps(conf.to_dict(), indent=2, default=str) if args.json
@@ -363,7 +364,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
                         min_tissue=args.min_tissue, batch_size=args.batch_size,
                         compression=args.compression, quality=args.quality, mpp=args.mpp,
                         level=args.level, normalize=args.normalize, reference=args.reference,
-                        progress=not args.no_progress and sys.stderr.isatty())
+                        progress=not args.no_progress and progress_enabled())
     print(f"translated {len(outputs)} image(s) → {args.output}")
     return 0
 

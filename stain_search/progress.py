@@ -12,8 +12,9 @@ out.log``, ``nohup``, and every Ray worker (a trial's output goes to Ray's
 log files) — nothing is printed: the command's own closing line says what
 was done. ``STAIN_SEARCH_NO_PROGRESS=1`` silences the bars at a terminal too.
 
-"Is this a terminal" is :func:`is_terminal` (``isatty``: the test ``cli.py``
-makes of stdout for the search's live view, :mod:`stain_search.console`).
+"Is this a terminal" is :func:`is_terminal`: ``cli.py`` asks it of stdout for
+the search's live view (:mod:`stain_search.console`), and asks
+:func:`progress_enabled` for ``translate``'s tile bar.
 """
 
 from __future__ import annotations

@@ -180,8 +180,10 @@ def test_best_says_when_the_winner_is_within_noise():
     close = rank([_candidate("trial_003", 3, 4, 0.110, 0.02),
                   _candidate("trial_005", 5, 4, 0.118, 0.03),
                   _candidate("trial_003", 3, 2, 0.140, 0.02)], objectives)
-    [note] = certainty_notes(close, objectives, {})
+    [note] = certainty_notes(close, objectives, {}, search="bci")
     assert note.startswith("#3 and #5 are within one std of kd_random (0.008 apart, std 0.03")
+    assert note.endswith("confirm with `stain-search confirm bci --top 2 --seeds 3` before "
+                         "trusting this order")
     clear = rank([_candidate("trial_003", 3, 4, 0.05, 0.01),
                   _candidate("trial_005", 5, 4, 0.15, 0.01)], objectives)
     [note] = certainty_notes(clear, objectives, {})

@@ -308,14 +308,14 @@ def select_dir(sdir: SearchDir, *, tracking_uri: str | None = None,
         if len(objectives) == 1:  # positions among the trials' best
             for position, c in enumerate(ranked, 1):
                 c.rank = position
-    notes += certainty_notes(ranked, objectives, by_number)
+    notes += certainty_notes(ranked, objectives, by_number, search=name)
     return Selection(search=name, search_dir=sdir.root, objectives=objectives, params=keys,
                      constraints=constraints, candidates=ranked, dropped=dropped, notes=notes,
                      search_id=record.search_id)
 
 
 def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
-                    study_trials: dict[int, Any]) -> list[str]:
+                    study_trials: dict[int, Any], *, search: str = "NAME") -> list[str]:
     """How sure the choice is: the best's margin over the runner-up (the best
     checkpoint of another trial) against the metric's spread over evaluation
     subsets (KID's ``…_std``), and where the study holds another value than the
@@ -334,8 +334,8 @@ def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
         if margin <= spread:
             notes.append(f"#{best.number} and #{runner.number} are within one std of {metric} "
                          f"({margin:.3g} apart, std {spread:.3g} over evaluation subsets): the "
-                         f"data cannot tell them apart; retrain both with other `train.seed` "
-                         f"values before trusting this order")
+                         f"data cannot tell them apart; confirm with `stain-search confirm "
+                         f"{search} --top 2 --seeds 3` before trusting this order")
         else:
             notes.append(f"#{best.number} leads #{runner.number} by {margin:.3g} {metric}, "
                          f"{margin / spread:.1f}× its std over evaluation subsets")
