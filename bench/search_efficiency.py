@@ -19,7 +19,7 @@ it is reported as not reaching it, with the compute it spent.
 ``stain_search.train.run_training`` in this process, driven by a plain Optuna
 ask/tell loop with the same samplers, pruner and suggestion code as a real
 search (``stain_search.study.SAMPLERS``, ``make_pruner``,
-``stain_search.spaces.suggest``); the pruner sees each epoch's objective as
+``stain_search.study.suggest``); the pruner sees each epoch's objective as
 ``TrialPruning`` does. Ray adds a fixed cost per trial (bench/overhead.py:
 ~5 s for a fresh in_trial actor, ~22 s for a TorchTrainer, on 2 CPU cores),
 which would dwarf these tiny trials without changing which algorithm needs
@@ -51,7 +51,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import stain_search.train as train_mod  # noqa: E402
 from stain_search.errors import TrainingDiverged  # noqa: E402
-from stain_search.spaces import SearchSpec, load_space, suggest  # noqa: E402
+from stain_search.spaces import SearchSpec, load_space  # noqa: E402
+from stain_search.study import suggest  # noqa: E402
 from stain_search.context import Pruning  # noqa: E402
 from stain_search.study import SAMPLERS, make_pruner  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""Search-space files: parse, validate (one clear line per mistake), and
-turn into Optuna suggestions.
+"""Search-space files: parse and validate (one clear line per mistake) into a
+typed ``SearchSpec`` (Optuna's suggestions from it are ``stain_search.study.suggest``).
 
     name: lambda
     description: Cycle-consistency weight λ and identity weight.
@@ -35,6 +35,7 @@ from typing import Any, Mapping
 from stain_search import config as cfg
 from stain_search import profiles
 from stain_search.errors import ConfigError
+from stain_search.objectives import METRIC_ALIASES, reported_metrics, why_not_reported
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
@@ -416,60 +417,6 @@ def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: b
     return out
 
 
-def frechet_metric_name(config: cfg.Config) -> str:
-    from stain_search.metrics.frechet import resolve_feature_extractor
-
-    return resolve_feature_extractor(config.eval).metric_name
-
-
-def kernel_metric_name(config: cfg.Config) -> str:
-    from stain_search.metrics.frechet import resolve_feature_extractor
-
-    return resolve_feature_extractor(config.eval).kernel_name
-
-
-# Objective names that stand for the metric a run can honestly compute.
-METRIC_ALIASES = {"frechet": frechet_metric_name, "kernel": kernel_metric_name}
-
-
-def reported_metrics(config: cfg.Config) -> set[str]:
-    """The metrics a trial on this config will report (checked before Ray starts)."""
-    from stain_search.data import resolve_dataset
-    from stain_search.evaluate import reported_metrics as evaluator_metrics
-    from stain_search.gan import LOSS_NAMES
-
-    files = resolve_dataset(config.data.path, config.data.layout)
-    stain = files.stain if config.eval.stain == "auto" else config.eval.stain
-    return set(LOSS_NAMES) | set(evaluator_metrics(config.eval, has_pairs=bool(files.pairs),
-                                                   stain=stain))
-
-
-def why_not_reported(metric: str) -> str:
-    if metric in ("ssim_gt", "psnr_gt"):
-        return "it needs paired targets (test images with the same name in both domains)"
-    if metric == "ki67_f1":
-        return ("it needs a paired Ki-67 (nuclear DAB) target, e.g. builtin:phantom-ki67, "
-                "and `eval.ki67_f1: true`")
-    if metric == "fid":
-        return ("no Inception weights were found: set eval.fid_weights (or "
-                "STAIN_SEARCH_FID_WEIGHTS) to a local pt_inception-2015-12-05 file, "
-                "or use `metric: frechet`")
-    if metric == "fd_random":
-        return "Inception weights are configured, so the run reports `fid` instead"
-    if metric == "kid":
-        return ("no Inception weights were found (`stain-search weights fetch` gets them), "
-                "or use `metric: kernel`")
-    if metric == "kd_random":
-        return "Inception weights are configured, so the run reports `kid` instead"
-    if metric == "stain_od_r":
-        return ("it needs paired targets and a known stain: set `eval.stain` (ki67, her2, "
-                "ihc, dab, trichrome, pas) if the dataset does not say")
-    if metric == "stain_area_error":
-        return ("the dataset's stain is unknown: set `eval.stain` (ki67, her2, ihc, dab, "
-                "trichrome, pas)")
-    return "the README's Metrics section says what each metric needs"
-
-
 def _check_search(search: SearchSettings, objectives: list[Objective], resources: Resources,
                   *, path: Path) -> None:
     if search.algorithm not in ALGORITHMS:
@@ -544,19 +491,3 @@ def _check_extremes(spec: SearchSpec) -> None:
 
 
 # --- Optuna ------------------------------------------------------------------
-
-def suggest(trial, params: list[Param]) -> dict[str, Any]:
-    """Define-by-run: conditional parameters are asked only when enabled."""
-    values: dict[str, Any] = {}
-    for p in params:
-        if any(values.get(parent) not in allowed for parent, allowed in p.when):
-            continue
-        if p.distribution == "choice":
-            values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
-        elif p.distribution in ("uniform", "loguniform"):
-            values[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step,
-                                                log=p.distribution == "loguniform")
-        else:
-            values[p.key] = trial.suggest_int(p.key, p.low, p.high, step=int(p.step or 1),
-                                              log=p.distribution == "logint")
-    return values

@@ -29,7 +29,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from stain_search.context import Pruning
-from stain_search.spaces import SearchSpec, suggest
+from stain_search.spaces import Param, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,23 @@ def median_prunes(study: optuna.Study, trial_id: int, *, pruning: Pruning, step:
     median = others[mid] if len(others) % 2 else 0.5 * (others[mid - 1] + others[mid])
     mine = better(own)
     return mine > median if pruning.mode == "min" else mine < median
+
+
+def suggest(trial, params: list[Param]) -> dict[str, Any]:
+    """Define-by-run: conditional parameters are asked only when enabled."""
+    values: dict[str, Any] = {}
+    for p in params:
+        if any(values.get(parent) not in allowed for parent, allowed in p.when):
+            continue
+        if p.distribution == "choice":
+            values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+        elif p.distribution in ("uniform", "loguniform"):
+            values[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step,
+                                                log=p.distribution == "loguniform")
+        else:
+            values[p.key] = trial.suggest_int(p.key, p.low, p.high, step=int(p.step or 1),
+                                              log=p.distribution == "logint")
+    return values
 
 
 class TrialPruning:

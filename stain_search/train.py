@@ -226,7 +226,7 @@ def retention_for(config: Config) -> Retention:
     """``train.keep_checkpoints`` / ``train.keep_metric`` resolved and checked
     (the metric must be one that this run's evaluation reports)."""
     from stain_search.evaluate import metric_directions
-    from stain_search.spaces import frechet_metric_name, reported_metrics, why_not_reported
+    from stain_search.objectives import frechet_metric_name, reported_metrics, why_not_reported
 
     t = config.train
     if t.keep_checkpoints is None:

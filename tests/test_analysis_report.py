@@ -28,7 +28,8 @@ from stain_search.cli import main
 from stain_search.deploy.select import select
 from stain_search.gan import CycleGAN
 from stain_search.search_dir import SearchDir
-from stain_search.spaces import load_space, suggest
+from stain_search.spaces import load_space
+from stain_search.study import suggest
 from stain_search.study import create_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

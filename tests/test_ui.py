@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stain_search import tracking
+from stain_search import registry, tracking
 from stain_search.services import alive
 
 pytestmark = pytest.mark.slow
@@ -214,7 +214,7 @@ def test_ui_links_open_the_runs_table_and_the_compare_view(store, tmp_path):
 
 
 def test_model_version_description_names_its_origin():
-    text = tracking.describe_model_version({
+    text = registry.describe_model_version({
         "search": "lambda", "trial": "trial_0003", "optuna_trial": 3, "epoch": 4,
         "data": "builtin:phantom-trichrome", "objectives": [{"metric": OBJECTIVE, "mode": "min"}],
         "metrics": {"ssim_structure": 0.71, OBJECTIVE: 12.345, "note": "not a number"}})

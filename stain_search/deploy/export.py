@@ -333,7 +333,7 @@ def register_export(folder: str | Path, *, tracking_uri: str | None, model_name:
                     parent_run_id: str | None = None, options: dict[str, Any] | None = None
                     ) -> Registered:
     """Log an export folder as a pyfunc model, register a version, set ``alias``."""
-    from stain_search import tracking
+    from stain_search import registry, tracking
 
     folder = Path(folder)
     exported = read_export(folder)  # refuse to register anything that does not load
@@ -354,13 +354,13 @@ def register_export(folder: str | Path, *, tracking_uri: str | None, model_name:
             # MLflow's advice to add predict type hints / an input example: the
             # explicit tensor signature below already says what goes in and out.
             warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
-            version, run_id = tracking.register_pyfunc_model(
+            version, run_id = registry.register_pyfunc_model(
                 uri, experiment=experiment or model_name, run_name=f"export-{folder.name}",
                 parent_run_id=parent_run_id, tags=tags,
                 metrics={k: v for k, v in (prov.get("metrics") or {}).items()
                          if isinstance(v, (int, float))},
                 model_name=model_name, alias=alias,
-                description=tracking.describe_model_version(prov), python_model=str(entry),
+                description=registry.describe_model_version(prov), python_model=str(entry),
                 model_config=dict(options or {}), artifacts={"export": str(folder)},
                 # stain-search travels with the model: serving needs only the
                 # pip requirements, not this package installed.

@@ -137,13 +137,13 @@ def read_checkpoint_model(folder: Path) -> ExportedModel:
 def load_model(ref: str | Path, *, tracking_uri: str | None = None) -> ExportedModel:
     """An export folder (or its model.json / generator.safetensors), a training
     checkpoint folder, or ``models:/name@alias`` / ``models:/name/version``."""
-    from stain_search import tracking
+    from stain_search import registry, tracking
     from stain_search.checkpoint import META_FILE, STATE_FILE
 
     text = str(ref)
     if text.startswith("models:/"):
         with tempfile.TemporaryDirectory(prefix="stain-search-model-") as tmp:
-            local = tracking.download_model(tracking.resolve_tracking_uri(tracking_uri), text,
+            local = registry.download_model(tracking.resolve_tracking_uri(tracking_uri), text,
                                             Path(tmp))
             found = [p.parent for p in local.rglob(INFO_FILE)]
             if not found:
