@@ -59,6 +59,7 @@ class SearchConsole(Callback):
         self.counts = {"complete": 0, "pruned": 0, "failed": 0, **done_before}
         self.stream = stream or sys.stdout
         self.running: dict[str, TrialView] = {}
+        self.starts: dict[str, float] = {}  # Tune trial id → when it started
         self.best: tuple[float, int, int] | None = None  # (signed value, number, epoch)
         self.epoch_seconds: list[float] = []
         self.t0 = time.monotonic()
@@ -83,12 +84,18 @@ class SearchConsole(Callback):
 
     # --- what Tune tells us -----------------------------------------------------------
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        # From here, not from its first result: a trial's time includes its start-up
+        # and its first epoch (else a 2-epoch trial "took 0s").
+        self.starts[trial.trial_id] = time.monotonic()
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         number = result.get("config", {}).get("optuna_number")
         epoch = result.get("epoch")
         if number is None or not isinstance(epoch, (int, float)) or epoch < 1:
             return
-        view = self.running.setdefault(trial.trial_id, TrialView(int(number), time.monotonic()))
+        started = self.starts.get(trial.trial_id) or time.monotonic()
+        view = self.running.setdefault(trial.trial_id, TrialView(int(number), started))
         if epoch > view.epoch:
             self.epoch_seconds.append((time.monotonic() - view.started) / epoch)
         view.epoch = int(epoch)
@@ -112,6 +119,7 @@ class SearchConsole(Callback):
 
     def _ended(self, trial, *, error: bool) -> None:
         view = self.running.pop(trial.trial_id, None)
+        self.starts.pop(trial.trial_id, None)
         last = trial.last_result or {}
         if last.get("storage_error"):
             return  # the driver stops the search and says why

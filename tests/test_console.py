@@ -55,6 +55,22 @@ def test_the_view_shows_running_trials_counts_best_and_eta():
     assert console.counts == {"complete": 1, "pruned": 1, "failed": 1}
 
 
+def test_a_trial_s_time_counts_from_its_start_not_its_first_result(monkeypatch):
+    import stain_search.console as console_module
+
+    now = [100.0]
+    monkeypatch.setattr(console_module.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    console = SearchConsole(name="t", objectives=OBJ[:1], num_samples=1, max_concurrent=1,
+                            epochs=2, done_before={}, live=False, stream=out)
+    console.on_trial_start(0, [], _trial("a"))                      # t = 100
+    now[0] = 130.0
+    console.on_trial_result(0, [], _trial("a"), _result(0, 1, 9.0))  # its first result
+    now[0] = 131.0
+    console.on_trial_complete(0, [], _trial("a"))
+    assert "(31s)" in out.getvalue(), out.getvalue()
+
+
 def test_a_storage_stop_is_left_to_the_driver():
     out = io.StringIO()
     console = SearchConsole(name="x", objectives=OBJ[:1], num_samples=2, max_concurrent=1,
