@@ -11,7 +11,8 @@ any finished or running search:
 4. search progress (best objective against compute) and training losses;
 5. the top trials side by side on the same validation tiles;
 6. flags: structure lost while realism improved, mode collapse;
-7. a table of the top trials, each linked to its MLflow run.
+7. a table of the top trials, each linked to its MLflow run (and, where the
+   space has `constraints:`, whether each met them).
 
 The page is self-contained (PNG figures embedded as base64, no script, no
 network), so it can be mailed or archived. The PNGs are also kept beside it
@@ -273,15 +274,28 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+def feasibility(search: Search) -> dict[int, bool | None]:
+    """Optuna number → whether the trial met the space's constraints (the
+    study's ``constraints`` attribute); {} for a search without constraints."""
+    from stain_search.study import is_feasible
+
+    if search.study is None:
+        return {}
+    found = {t.number: is_feasible(t) for t in search.study.get_trials(deepcopy=False)}
+    return found if any(v is not None for v in found.values()) else {}
+
+
 def trials_table_html(search: Search, analysis: Analysis, *, ui: str, top: int) -> str:
     table = analysis.table.head(top)
+    feasible = feasibility(search)
     metrics = effect_metrics(search) + (["output_diversity"]
                                         if "output_diversity" in table.columns else [])
     flagged: dict[str, list[str]] = {}
     for f in analysis.flags:
         flagged.setdefault(f.trial, []).append(f.kind.replace("_", " "))
     head = (["rank", "trial", "state", "epochs", "best epoch"] + search.param_keys
-            + [plots.metric_label(m) for m in metrics] + ["flags"])
+            + [plots.metric_label(m) for m in metrics] + (["feasible"] if feasible else [])
+            + ["flags"])
     left = {1, 2, len(head) - 1}
     rows = []
     for i, r in table.iterrows():
@@ -293,6 +307,11 @@ def trials_table_html(search: Search, analysis: Analysis, *, ui: str, top: int) 
                  _fmt(r.get("epochs")), _fmt(r.get("best_epoch"))]
         cells += [_fmt(r.get(k)) for k in search.param_keys]
         cells += [_fmt(r.get(m)) for m in metrics]
+        if feasible:  # the space's constraints: ✗ marks a trial that misses one
+            number = r["number"]
+            ok = (feasible.get(int(number)) if isinstance(number, (int, float, np.number))
+                  and number == number else None)
+            cells.append({True: "yes", False: "✗ no"}.get(ok, "-"))
         cells.append(html.escape(", ".join(sorted(set(flagged.get(r["trial"], [])))) or ""))
         cls = ' class="chosen"' if r["trial"] == analysis.chosen else ""
         rows.append(f"<tr{cls}>" + "".join(

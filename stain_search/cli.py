@@ -132,7 +132,8 @@ def cmd_data_builtin(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from stain_search.plan import check_hardware, dry_run
     from stain_search.profiles import local_gpus
-    from stain_search.search import format_summary, run_search
+    from stain_search.search import run_search
+    from stain_search.summary import format_summary
     from stain_search.spaces import load_space
 
     if args.dry_run or not (args.address or os.environ.get("RAY_ADDRESS")):
@@ -151,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          tracking_uri=args.tracking_uri, address=args.address,
                          resume=args.resume, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent,
+                         warm_start=getattr(args, "warm_start", None),
                          profile=getattr(args, "profile", None), verbose=args.verbose,
                          live=not args.verbose and is_terminal(sys.stdout),
                          say=lambda line: print(line, flush=True))
@@ -268,6 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def parse_constraints(args: argparse.Namespace) -> list:
+    """--min/--max: on top of the space's own constraints (--no-constraints drops those)."""
     from stain_search.deploy.select import parse_constraint
 
     return ([parse_constraint(t, bound="min") for t in args.min or []]
@@ -319,9 +322,10 @@ def cmd_best(args: argparse.Namespace) -> int:
               else format_confirmation(conf))
         return 0 if conf.deploy is not None else 1
     selection = select(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
-                       constraints=parse_constraints(args), include_failed=args.include_failed,
-                       per_trial=args.per_trial)
-    top = args.top or len(selection.candidates)
+                       constraints=parse_constraints(args),
+                       space_constraints=not args.no_constraints,
+                       include_failed=args.include_failed, per_trial=args.per_trial)
+    top = args.top or len(selection.candidates) or len(selection.infeasible)
     if args.json:
         out = selection.to_dict()
         out["candidates"] = out["candidates"][:top]
@@ -336,7 +340,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_search(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
                            trial=args.trial, epoch=args.epoch, out=args.out,
-                           constraints=parse_constraints(args), register=not args.no_register,
+                           constraints=parse_constraints(args),
+                           space_constraints=not args.no_constraints,
+                           register=not args.no_register,
                            model_name=args.model_name, alias=args.alias, portable=args.portable,
                            overwrite=args.overwrite, confirmed=args.confirmed)
     c = result.candidate

@@ -18,6 +18,10 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, help="override search.max_concurrent")
     p.add_argument("--profile", help="the space's scale, e.g. demo or gpu (default: gpu "
                    "where a GPU is visible, else demo; `stain-search spaces` lists them)")
+    p.add_argument("--warm-start", metavar="OTHER_SEARCH",
+                   help="a new search starts with the finished trials of OTHER_SEARCH (same "
+                   "--storage), best first, re-trained here; keys it lacked take this "
+                   "space's defaults, values outside this space are dropped")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, space, "
                    "objective, resources and profile, then exit without starting Ray")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -33,6 +37,8 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
                    help="only checkpoints with METRIC ≥ VALUE, e.g. --min ssim_structure=0.7")
     p.add_argument("--max", action="append", metavar="METRIC=VALUE",
                    help="only checkpoints with METRIC ≤ VALUE, e.g. --max fid=80")
+    p.add_argument("--no-constraints", action="store_true",
+                   help="leave out the space's own `constraints:` (--min/--max still apply)")
 
 
 def build_parser() -> argparse.ArgumentParser:

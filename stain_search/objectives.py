@@ -11,6 +11,7 @@ starts, with the reason when one is missing.
 from __future__ import annotations
 
 from stain_search import config as cfg
+from stain_search.errors import ConfigError
 
 
 def frechet_metric_name(config: cfg.Config) -> str:
@@ -65,3 +66,22 @@ def why_not_reported(metric: str) -> str:
         return ("the dataset's stain is unknown: set `eval.stain` (ki67, her2, ihc, dab, "
                 "trichrome, pas)")
     return "the README's Metrics section says what each metric needs"
+
+
+def resolve_metric(metric: object, config: cfg.Config, *, reported: set[str], where: str) -> str:
+    """A metric named in a space (``objective``, ``constraints``): an alias made
+    the honest name, then checked to be one trials report on this data.
+    ``where`` begins the error line (``path: `key```)."""
+    from stain_search.evaluate import metric_directions
+
+    directions = metric_directions()
+    if metric in METRIC_ALIASES:
+        metric = METRIC_ALIASES[metric](config)
+    if metric not in directions:
+        raise ConfigError(f"{where}: {metric!r} is not a metric trials report"
+                          f"{cfg.suggest(str(metric), sorted(directions) + sorted(METRIC_ALIASES))} "
+                          f"(known: {', '.join(METRIC_ALIASES)}, {', '.join(sorted(directions))})")
+    if metric not in reported:
+        raise ConfigError(f"{where}: no trial reports {metric!r} on {config.data.path}: "
+                          f"{why_not_reported(str(metric))}")
+    return str(metric)

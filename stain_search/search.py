@@ -15,7 +15,11 @@ The driver, top to bottom:
    once, and builds the one :class:`~stain_search.context.TrialContext` every
    trial receives.
 3. Runs Tune: first the study's unfinished trials (a resumed search continues
-   them), then new ones up to ``num_samples`` finished trials.
+   them), then new ones up to ``num_samples`` finished trials; a new search
+   with ``--warm-start OTHER`` first re-trains OTHER's best points
+   (``stain_search.warm_start``). Each finished trial is told its deploy-rule
+   values and, where the space has ``constraints:``, their values too (the
+   study's ``constraints`` attribute, an MLflow ``stain_search.feasible`` tag).
 4. Ctrl-C, SIGTERM or a full disk stop it cleanly (``stain_search.stopping``):
    interrupted trials stay resumable in the study and in MLflow.
 5. Names the checkpoint to deploy (``stain_search.deploy.select``) in
@@ -42,9 +46,10 @@ from stain_search.errors import ConfigError, SearchInterrupted, StorageFull
 from stain_search.console import SearchConsole
 from stain_search.lock import DriverLock, is_locked, read_driver
 from stain_search.plan import describe
-from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of
+from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of, trial_name
 from stain_search.spaces import Resources, SearchSpec, load_space
 from stain_search.weights import resolve_eval
+from stain_search.summary import summary_record
 from stain_search.stopping import (StopCallback, Stopper, is_storage_error,
                                    storage_error_message)
 
@@ -90,7 +95,9 @@ def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> Sear
         return None
     saved = sdir.read_record()
     if saved.identity != identity_of(spec):
-        changed = [k for k in saved.identity if saved.identity[k] != identity_of(spec).get(k)]
+        now = identity_of(spec)
+        changed = [k for k in dict.fromkeys([*saved.identity, *now])
+                   if saved.identity.get(k) != now.get(k)]
         raise ConfigError(
             f"{sdir.root}: a search named {spec.name!r} already exists with a different "
             f"{' and '.join(changed) or 'space'}; pass --name to start a new search "
@@ -224,18 +231,20 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                storage: str | Path | None = None, tracking_uri: str | None = None,
                address: str | None = None, resume: bool = False,
                num_samples: int | None = None, max_concurrent: int | None = None,
-               profile: str | None = None, verbose: int = 1, live: bool = False,
-               say=None) -> SearchOutcome:
+               profile: str | None = None, warm_start: str | None = None,
+               verbose: int = 1, live: bool = False, say=None) -> SearchOutcome:
     """Run (or resume) a search. ``verbose`` 0 shows the search's own console
     (``stain_search.console``: a live view if ``live``, else a line per trial)
     through ``say`` (print); 1 or more, Ray Tune's tables and every trial's
-    output, as Ray prints them."""
+    output, as Ray prints them. ``warm_start``: the name of a finished search in
+    the same ``storage`` whose best trials a new search starts with."""
     spec = load_space(space, data=data, profile=profile)
     if name:
         spec.name = name
     return search_spec(spec, SearchDir.of(storage, spec.name), tracking_uri=tracking_uri,
                        address=address, resume=resume, num_samples=num_samples,
-                       max_concurrent=max_concurrent, verbose=verbose, live=live, say=say)
+                       max_concurrent=max_concurrent, verbose=verbose, live=live, say=say,
+                       warm_start=SearchDir.of(storage, warm_start) if warm_start else None)
 
 
 @dataclass(frozen=True)
@@ -257,8 +266,10 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
                 address: str | None = None, resume: bool = False,
                 num_samples: int | None = None, max_concurrent: int | None = None,
                 verbose: int = 1, live: bool = False, say=None,
-                parent_run: ParentRun = ParentRun()) -> SearchOutcome:
-    """:func:`run_search` on a parsed space, in the folder ``sdir``."""
+                parent_run: ParentRun = ParentRun(),
+                warm_start: SearchDir | None = None) -> SearchOutcome:
+    """:func:`run_search` on a parsed space, in the folder ``sdir``; ``warm_start``:
+    the folder of the search a new one starts from."""
     say = say or (lambda line: None)
     if not verbose:
         quiet_libraries()
@@ -273,12 +284,20 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
     # with other files.
     base_config = resolve_eval(spec.base_config())
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    warm = None
+    if warm_start is not None and saved is not None:
+        say(f"--warm-start {warm_start.name} ignored: search {spec.name!r} is resumed and its "
+            f"study already holds its first trials")
+    elif warm_start is not None:  # a missing search: one line, nothing written
+        from stain_search.warm_start import plan_warm_start
+
+        warm = plan_warm_start(spec, warm_start, limit=budget.num_samples, tracking_uri=uri)
     client = tracking.client(uri)  # an unreachable store fails here, before anything is written
     try:
         with DriverLock(sdir.lock_file, sdir.driver_file, name=spec.name):
             return _drive(spec, sdir, saved, budget, base_config, client, uri,
                           address=address, verbose=verbose, live=live, say=say,
-                          parent_run=parent_run)
+                          parent_run=parent_run, warm=warm)
     except OSError as err:
         if is_storage_error(err):
             raise StorageFull(f"search {spec.name!r}: {storage_error_message(err)} "
@@ -287,9 +306,9 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
 
 
 def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
-            budget: Budget) -> SearchRecord:
+            budget: Budget, warm=None) -> SearchRecord:
     if saved is None:
-        return sdir.create(spec, budget=budget)
+        return sdir.create(spec, budget=budget, warm_start=warm.record() if warm else None)
     record = dataclasses.replace(saved, budget=budget)
     sdir.write_record(record)
     return record
@@ -297,7 +316,7 @@ def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
 
 def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget: Budget,
            base_config: Config, client, uri: str, *, address: str | None,
-           verbose: int, live: bool, say, parent_run: ParentRun) -> SearchOutcome:
+           verbose: int, live: bool, say, parent_run: ParentRun, warm=None) -> SearchOutcome:
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -306,7 +325,7 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                                     finished_count, unfinished_numbers)
     from stain_search.trainables.cyclegan import cyclegan_trial
 
-    record = _record(spec, sdir, saved, budget)
+    record = _record(spec, sdir, saved, budget, warm)
     experiment_id = tracking.get_or_create_experiment(client, spec.name, uri=uri)
     parent = tracking.start_search_run(
         client, experiment_id, search=spec.name, search_id=record.search_id,
@@ -315,14 +334,15 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
         nested_in=parent_run.nested_in, run_name=parent_run.run_name, extra_tags=parent_run.tags)
     tracking.log_params(client, parent, {"space": str(spec.path), "git_commit": git_commit(),
                                          "num_samples": budget.num_samples,
-                                         "algorithm": spec.search.algorithm}
+                                         "algorithm": spec.search.algorithm,
+                                         **({tracking.WARM_START: warm.source} if warm else {})}
                         if saved is None else {})
     ctx = TrialContext(search=spec.name, search_id=record.search_id, search_dir=sdir,
                        tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                        base_config=base_config, objectives=tuple(spec.objectives),
                        resources=spec.resources,
                        pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
-    study = create_study(spec, sdir.study_journal)
+    study = create_study(spec, sdir.study_journal, warm=warm.points if warm else ())
     unfinished = unfinished_numbers(study)  # interrupted: continued first
     new = max(0, budget.num_samples - finished_count(study) - len(unfinished))
     stopper = Stopper()
@@ -330,6 +350,8 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     say(f"search {describe(spec)}")
     say(f"  {sdir.root}: " + (f"resumed, {len(unfinished)} interrupted trial(s) continue, "
                               f"{new} new" if saved is not None else f"{new} trial(s)"))
+    for line in warm.lines() if warm else ():
+        say(line)
     if unfinished or new:
         started = init_ray(address, verbose=verbose)
         say(f"logs: trials' output in {ray_log_dir() or 'the Ray cluster'}, Tune's in "
@@ -342,9 +364,17 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
             if result.get("storage_error"):
                 stopper.request("storage", str(result["storage_error"]))
 
+        def constrained(number: int) -> list[float] | None:
+            values = constraint_values(sdir, spec, number)
+            if values is not None:  # the run shows it too
+                tracking.mark_feasibility(client, experiment_id, search_id=record.search_id,
+                                          trial=trial_name(number), values=values)
+            return values
+
         searcher = StudySearcher(spec, sdir.study_journal, resume=unfinished,
                                  stopping=lambda: stopper.stopping, on_result=on_result,
-                                 told=lambda number: deploy_values(sdir, spec, number))
+                                 told=lambda number: deploy_values(sdir, spec, number),
+                                 constrained=constrained if spec.constraints else None)
         trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
                                         trial_resources(spec.resources))
         first = spec.objectives[0]
@@ -423,43 +453,16 @@ def deploy_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float]
     return None if best is None else best.values(objectives)
 
 
+def constraint_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float] | None:
+    """The space's constraints on the same checkpoint :func:`deploy_values` reads
+    (Optuna's convention: ≤ 0 where one holds); None without a checkpoint."""
+    from stain_search.deploy.select import trial_best
+
+    best = trial_best(sdir.trial(number), [(o.metric, o.mode) for o in spec.objectives])
+    return None if best is None else [c.violation(best.metrics) for c in spec.constraints]
+
+
 def deploy_selection(sdir: SearchDir, uri: str):
     from stain_search.deploy.select import select_dir
 
     return select_dir(sdir, tracking_uri=uri)
-
-
-def summary_record(selection, elapsed_s: float) -> dict[str, Any]:
-    best = selection.best()
-    return {"search": selection.search, "search_id": selection.search_id,
-            "objectives": [{"metric": m, "mode": mode} for m, mode in selection.objectives],
-            "rule": selection.rule,
-            "deploy": None if best is None else {
-                "trial": best.trial, "number": best.number, "epoch": best.epoch,
-                "state": best.state, "metrics": best.metrics, "params": best.params,
-                "checkpoint": str(best.checkpoint), "run_id": best.run_id},
-            "front": [{"trial": c.trial, "number": c.number, "epoch": c.epoch}
-                      for c in selection.front] if selection.multi_objective else None,
-            "elapsed_s": elapsed_s}
-
-
-def format_summary(outcome: SearchOutcome) -> str:
-    selection = outcome.selection
-    best = selection.best()
-    if best is None:
-        why = "; ".join(f"{n} {r}" for r, n in selection.dropped.items()) or "no checkpoints"
-        return (f"search {selection.search!r}: no checkpoint to deploy ({why}); "
-                f"`stain-search status {selection.search}` shows the trials")
-    goal = ", ".join(f"{m} {mode}" for m, mode in selection.objectives)
-    vals = ", ".join(f"{m}={best.metrics[m]:.4g}" for m, _ in selection.objectives)
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in best.params.items())
-    lines = [f"search {selection.search!r} ({goal}), deploy rule: {selection.rule}",
-             f"  deploy: #{best.number} {best.trial} at epoch {best.epoch}: {vals}  [{params}]",
-             f"      checkpoint: {best.checkpoint}",
-             f"      mlflow run: {best.run_id}"]
-    if selection.multi_objective:
-        lines.append(f"  Pareto front: {len(selection.front)} checkpoint(s) "
-                     f"(`stain-search best {selection.search}` lists them)")
-    lines.append(f"MLflow store: {outcome.tracking_uri}  (stain-search ui)")
-    return "\n".join(lines)

@@ -22,10 +22,15 @@ Everything a search keeps lives under one folder::
   searches of the same name (two folders, one tracking store) never share
   or mix runs.
 - ``identity``: what changes results (base settings, data, the space, the
-  objectives, the sampler and pruner). Resuming with a different identity is
-  refused.
+  objectives, the constraints (only when the space has any: older records
+  stay comparable), the sampler and pruner). Resuming with a different
+  identity is refused.
 - ``budget``: ``num_samples`` and ``max_concurrent``. Resume uses the
   recorded budget; ``--num-samples N`` extends it.
+
+Beside them, ``warm_start`` (when `run --warm-start OTHER` seeded the study):
+which search the first trials came from and how many were taken. It is not
+identity: it only changes the first suggestions.
 
 Every reader (``stain-search best``, ``export``, ``report``, ``status``,
 ``resume``) goes through :class:`SearchDir`; nothing else knows these names.
@@ -43,6 +48,7 @@ from typing import Any
 
 from stain_search.atomic import atomic_write_text
 from stain_search.errors import ConfigError
+from stain_search.constraints import Constraint
 from stain_search.spaces import Objective, Param, SearchSpec
 
 DEFAULT_STORAGE = "stain-search-runs"
@@ -65,6 +71,8 @@ def identity_of(spec: SearchSpec) -> dict[str, Any]:
         search.pop(budget_key)
     record = {"base": spec.base, "params": [asdict(p) for p in spec.params],
               "objectives": [asdict(o) for o in spec.objectives], "search": search}
+    if spec.constraints:  # absent, not empty, without: older records stay comparable
+        record["constraints"] = [asdict(c) for c in spec.constraints]
     return json.loads(json.dumps(record, default=str))  # tuples → lists, as read back
 
 
@@ -84,6 +92,13 @@ class SearchRecord:
     identity: dict[str, Any]
     budget: Budget
     profile: str | None
+    # `run --warm-start`: {"search", "search_id", "enqueued", "dropped"}; None: a cold start
+    warm_start: dict[str, Any] | None = None
+
+    @property
+    def constraints(self) -> list[Constraint]:
+        return [Constraint(c["metric"], c["bound"], float(c["value"]))
+                for c in self.identity.get("constraints") or ()]
 
     @property
     def objectives(self) -> list[Objective]:
@@ -113,7 +128,8 @@ class SearchRecord:
         # base/params/objectives also at the top level: the file reads well alone.
         return {"format": RECORD_FORMAT, "name": self.name, "search_id": self.search_id,
                 "created": self.created, "profile": self.profile,
-                "budget": asdict(self.budget), "identity": self.identity}
+                "budget": asdict(self.budget), "identity": self.identity,
+                **({"warm_start": self.warm_start} if self.warm_start else {})}
 
     @classmethod
     def new(cls, spec: SearchSpec) -> "SearchRecord":
@@ -140,7 +156,7 @@ class SearchRecord:
             return cls(name=raw["name"], search_id=raw.get("search_id"),
                        created=raw.get("created", ""), identity=raw["identity"],
                        budget=Budget(int(budget["num_samples"]), int(budget["max_concurrent"])),
-                       profile=raw.get("profile"))
+                       profile=raw.get("profile"), warm_start=raw.get("warm_start"))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{where}: not a stain-search search record (missing or bad "
                               f"{err}); it was not written by `stain-search run`") from None
@@ -226,11 +242,12 @@ class SearchDir:
                               f"a new search") from None
         return SearchRecord.from_json(raw, where=self.record_file)
 
-    def create(self, spec: SearchSpec, *, budget: Budget | None = None) -> SearchRecord:
+    def create(self, spec: SearchSpec, *, budget: Budget | None = None,
+               warm_start: dict[str, Any] | None = None) -> SearchRecord:
         """A new search's folder: its space file and a fresh record (a new id)."""
         import shutil
 
-        record = SearchRecord.new(spec)
+        record = dataclasses.replace(SearchRecord.new(spec), warm_start=warm_start)
         if budget is not None:
             record = dataclasses.replace(record, budget=budget)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ typed ``SearchSpec`` (Optuna's suggestions from it are ``stain_search.study.sugg
       model.attention:      {distribution: choice, choices: [none, gates]}
       model.attention_channels_ratio:      # conditional: only when gates are on
         {distribution: uniform, low: 0.25, high: 1.0, when: {model.attention: [gates]}}
-    objective: {metric: frechet, mode: min}      # or a list → Pareto search
+    objective: {metric: kernel, mode: min}       # or a list → Pareto search
+    constraints: [{metric: ssim_structure, min: 0.6}]   # optional (stain_search.constraints)
     search: {algorithm: tpe, num_samples: 8, max_concurrent: 2, seed: 0,
              early_stopping: {pruner: median, grace_period: 2}}
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0,
@@ -35,14 +36,15 @@ from typing import Any, Mapping
 from stain_search import config as cfg
 from stain_search import profiles
 from stain_search.errors import ConfigError
-from stain_search.objectives import METRIC_ALIASES, reported_metrics, why_not_reported
+from stain_search.constraints import Constraint, parse_constraints
+from stain_search.objectives import METRIC_ALIASES, reported_metrics, resolve_metric
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
     SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 
-TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "search", "resources",
-            "profiles")  # profiles: scales of the same space (stain_search.profiles)
+TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "constraints", "search",
+            "resources", "profiles")  # profiles: scales of one space (stain_search.profiles)
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 ALGORITHMS = ("tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "successive_halving")
@@ -128,6 +130,8 @@ class SearchSpec:
     profile: str | None = None  # the profile applied (stain_search.profiles); None: none defined
     profile_reason: str = ""  # why that one: --profile, or the hardware's default
     profiles: tuple[str, ...] = ()  # every profile the space file defines
+    # What a deployable checkpoint must meet (`constraints:`); the sampler is told.
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def multi_objective(self) -> bool:
@@ -371,11 +375,13 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
                                    check=check_objective)
     if search.early_stopping.metric in METRIC_ALIASES:  # as in `objective`: the honest one
         search.early_stopping.metric = METRIC_ALIASES[search.early_stopping.metric](base_config)
+    constraints = parse_constraints(raw.get("constraints"), path=path, base_config=base_config,
+                                    check=check_objective)
     _check_search(search, objectives, resources, path=path)
     _check_enqueue(search, params, path=path)
     spec = SearchSpec(name=name, description=str(raw.get("description") or ""), path=path.resolve(),
                       base=base, params=params, objectives=objectives, search=search,
-                      resources=resources)
+                      resources=resources, constraints=constraints)
     _check_extremes(spec)
     return spec
 
@@ -398,15 +404,8 @@ def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: b
         metric, mode = item.get("metric"), item.get("mode")
         if mode not in ("min", "max"):
             raise _err(path, f"{key}.mode", f"{mode!r}: expected min or max")
-        if metric in METRIC_ALIASES:
-            metric = METRIC_ALIASES[metric](base_config)
-        if metric not in directions:
-            raise _err(path, f"{key}.metric", f"{metric!r} is not a metric trials report"
-                       f"{cfg.suggest(str(metric), sorted(directions) + sorted(METRIC_ALIASES))} "
-                       f"(known: {', '.join(METRIC_ALIASES)}, {', '.join(sorted(directions))})")
-        if metric not in reported:
-            raise _err(path, f"{key}.metric", f"no trial reports {metric!r} on "
-                       f"{base_config.data.path}: {why_not_reported(metric)}")
+        metric = resolve_metric(metric, base_config, reported=reported,
+                                where=f"{path}: `{key}.metric`")
         if directions[metric] != mode:
             raise _err(path, f"{key}.mode", f"{metric} is better when "
                        f"{'lower' if directions[metric] == 'min' else 'higher'}: "

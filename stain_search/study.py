@@ -14,6 +14,15 @@ continues every trial the study still holds as RUNNING (interrupted: its
 folder has its checkpoints) before it asks for new ones, and tops the study
 up to ``num_samples`` finished trials. Tune's own experiment state is not
 needed for that.
+
+Constraints (a space's ``constraints:``) follow Optuna's convention: each told
+trial holds the system attribute ``constraints``, one value per constraint,
+≤ 0 where it holds (``constraints.Constraint.violation``), computed by the driver
+from the same checkpoint whose objectives the study is told. TPE (one
+objective or several) and NSGA-II get a ``constraints_func`` that reads it
+back, so they prefer feasible trials (Optuna's constrained TPE, Watanabe &
+Hutter 2023; NSGA-II's constrained domination, Deb et al. 2002); the random
+sampler ignores it, but the attribute is recorded all the same.
 """
 
 from __future__ import annotations
@@ -23,13 +32,16 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from ray.tune.search import Searcher
 
 from stain_search.context import Pruning
 from stain_search.spaces import Param, SearchSpec
+
+if TYPE_CHECKING:
+    from stain_search.warm_start import WarmPoint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,8 @@ OPTUNA_TRIAL_ID, OPTUNA_NUMBER, PARAMS = "optuna_trial_id", "optuna_number", "pa
 TAGS, TAG_PREFIX = "tags", "stain_search."
 TS = optuna.trial.TrialState
 FINISHED = (TS.COMPLETE, TS.PRUNED, TS.FAIL)
+# Optuna's system attribute of a trial's constraint values (optuna.samplers._base).
+CONSTRAINTS = "constraints"
 
 
 def storage(path: Path) -> optuna.storages.JournalStorage:
@@ -50,14 +64,31 @@ def storage(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def stored_constraints(count: int) -> Callable[[optuna.trial.FrozenTrial], tuple[float, ...]]:
+    """The ``constraints_func`` of a search with ``count`` constraints: the values
+    the driver stored on the trial before telling it (a trial told without them,
+    e.g. pruned before any checkpoint, counts as infeasible)."""
+    def constraints_func(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+        values = trial.system_attrs.get(CONSTRAINTS)
+        return tuple(float(v) for v in values) if values else (math.inf,) * count
+    return constraints_func
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool | None:
+    """Whether the trial met every constraint; None when it holds no values."""
+    values = trial.system_attrs.get(CONSTRAINTS)
+    return None if not values else all(v <= 0 for v in values)
+
+
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     # TPE handles one objective and several (multi-objective TPE, Ozaki et al.,
     # 2020): the better choice for Pareto searches under ~100 trials.
-    "tpe": lambda seed, population: optuna.samplers.TPESampler(
-        seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4),
-    "random": lambda seed, population: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda seed, population: optuna.samplers.NSGAIISampler(
-        seed=seed, population_size=population),
+    "tpe": lambda seed, population, constraints: optuna.samplers.TPESampler(
+        seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4,
+        constraints_func=constraints),
+    "random": lambda seed, population, constraints: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed, population, constraints: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=population, constraints_func=constraints),
 }
 
 PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
@@ -80,14 +111,26 @@ def make_pruner(pruning: Pruning) -> optuna.pruners.BasePruner:
     return PRUNERS[pruning.pruner](pruning)
 
 
-def create_study(spec: SearchSpec, path: Path) -> optuna.Study:
+def make_sampler(spec: SearchSpec, *, seed: int) -> optuna.samplers.BaseSampler:
+    constraints = stored_constraints(len(spec.constraints)) if spec.constraints else None
+    with warnings.catch_warnings():
+        # Optuna ≥ 5 samplers read the stored attribute themselves and deprecate
+        # constraints_func (removal in 7); Optuna 4 (pyproject allows it) needs it.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return SAMPLERS[spec.search.algorithm](seed, spec.search.population_size, constraints)
+
+
+def create_study(spec: SearchSpec, path: Path, *, warm: list[WarmPoint] = ()) -> optuna.Study:
+    """The search's study (created, or loaded on resume). ``warm``: points a
+    fresh study starts with (``run --warm-start``; stain_search.warm_start),
+    enqueued before the space's own ``search.enqueue``."""
     fresh = not Path(path).exists()
     # A resumed search must not replay the first run's random draws (it would
     # suggest the same points again): offset the seed by the trials so far.
     done = 0 if fresh else len(optuna.load_study(study_name=spec.name,
                                                  storage=storage(path)).trials)
-    sampler = SAMPLERS[spec.search.algorithm](spec.search.seed + done,
-                                              spec.search.population_size)
+    sampler = make_sampler(spec, seed=spec.search.seed + done)
     study = optuna.create_study(
         study_name=spec.name, storage=storage(path), sampler=sampler,
         pruner=make_pruner(Pruning.of(spec.search.early_stopping, spec.objectives)),
@@ -98,6 +141,8 @@ def create_study(spec: SearchSpec, path: Path) -> optuna.Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([o.metric for o in spec.objectives])
+        for point in warm:
+            study.enqueue_trial(dict(point.params), user_attrs=dict(point.attrs))
         attrs = spec.search.enqueue_attrs or []
         for i, point in enumerate(spec.search.enqueue or []):
             study.enqueue_trial(dict(point), user_attrs=attrs[i] if i < len(attrs) else None)
@@ -204,12 +249,16 @@ class StudySearcher(Searcher):
     errors and progress there). ``told`` gives, for a finished trial's number,
     the objective values to tell the study instead of its last result: the
     driver passes the deploy rule's values (the trial's best kept checkpoint),
-    so the sampler learns the same quantity the user deploys by."""
+    so the sampler learns the same quantity the user deploys by. ``constrained``
+    gives, for a space with constraints, the trial's constraint values from that
+    same checkpoint (Optuna's convention: ≤ 0 holds), stored on the trial
+    before it is told (the samplers' ``constraints_func`` reads them)."""
 
     def __init__(self, spec: SearchSpec, study_path: Path, *, resume: list[int] = (),
                  stopping: Callable[[], bool] = lambda: False,
                  on_result: Callable[[str, dict], None] | None = None,
-                 told: Callable[[int], list[float] | None] | None = None):
+                 told: Callable[[int], list[float] | None] | None = None,
+                 constrained: Callable[[int], list[float] | None] | None = None):
         first = spec.objectives[0]
         super().__init__(metric=first.metric, mode=first.mode)
         self.spec = spec
@@ -218,6 +267,7 @@ class StudySearcher(Searcher):
         self.stopping = stopping
         self.on_result = on_result
         self.told = told
+        self.constrained = constrained
         self._study: optuna.Study | None = None
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
 
@@ -233,6 +283,7 @@ class StudySearcher(Searcher):
         state["stopping"] = None
         state["on_result"] = None
         state["told"] = None
+        state["constrained"] = None
         return state
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -275,6 +326,11 @@ class StudySearcher(Searcher):
         deployed = self.told(number) if state == TS.COMPLETE and self.told else None
         if deployed is not None:
             values = deployed if self.spec.multi_objective else deployed[0]
+        if self.spec.constraints and state in (TS.COMPLETE, TS.PRUNED):
+            found = self.constrained(number) if self.constrained else None
+            self.study._storage.set_trial_system_attr(
+                frozen._trial_id, CONSTRAINTS,
+                [float(v) for v in found] if found else [math.inf] * len(self.spec.constraints))
         try:
             self.study.tell(number, values, state=state, skip_if_finished=True)
         except (ValueError, RuntimeError) as err:  # e.g. a NaN objective

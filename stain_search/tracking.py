@@ -64,6 +64,12 @@ TUNE_TRIAL = "stain_search.tune_trial_id"
 CONFIRMS, CONFIRMS_SEARCH, SEED = ("stain_search.confirms", "stain_search.confirms_search",
                                    "stain_search.seed")
 CONFIRMS_NUMBER = "stain_search.confirms_number"  # that trial's Optuna number
+# A space's constraints: "true"/"false" on each told trial's run, with the
+# values (Optuna's convention: ≤ 0 holds) beside it.
+FEASIBLE, CONSTRAINT_VALUES = "stain_search.feasible", "stain_search.constraints"
+# `run --warm-start OTHER`: on the parent run (param) and on each seeded trial (tag,
+# from its study user attribute): the search and trial its point came from.
+WARM_START = "stain_search.warm_start"
 STATUSES = ("running", "finished", "pruned", "failed")
 
 
@@ -264,6 +270,23 @@ def end_trial_run(c, run_id: str, *, status: str, error: str | None = None) -> N
         c.set_tag(run_id, ERROR, error[:4000])
     c.set_terminated(run_id, status={"finished": "FINISHED", "pruned": "KILLED",
                                      "failed": "FAILED", "running": "RUNNING"}[status])
+
+
+def mark_feasibility(c, experiment_id: str, *, search_id: str, trial: str,
+                     values: list[float]) -> None:
+    """Tag a told trial's run feasible or not under the space's constraints
+    (nothing when the run cannot be found: the study holds the values too)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = find_run(c, experiment_id,
+                       tags={ROLE: "trial", SEARCH_ID: search_id, TRIAL: trial})
+        if run is None:
+            return
+        c.set_tag(run.info.run_id, FEASIBLE, str(all(v <= 0 for v in values)).lower())
+        c.set_tag(run.info.run_id, CONSTRAINT_VALUES, json.dumps([float(v) for v in values]))
+    except MlflowException:  # a tag must not fail the search: the study holds the values
+        return
 
 
 def end_search_run(c, run_id: str, *, status: str = "FINISHED", summary: dict | None = None) -> None:

@@ -14,7 +14,7 @@ from stain_search.analysis.report import analyse
 from stain_search.cli import main
 from stain_search.deploy.export import export_search
 from stain_search.deploy.select import select
-from stain_search.search import format_summary
+from stain_search.summary import format_summary
 
 pytestmark = pytest.mark.slow
 

@@ -383,7 +383,8 @@ class ExportResult:
 def export_search(name: str, *, storage: str | Path | None = None,
                   tracking_uri: str | None = None, trial: str | None = None,
                   epoch: int | None = None, out: str | Path | None = None,
-                  constraints=(), register: bool = True, model_name: str | None = None,
+                  constraints=(), space_constraints: bool = True, register: bool = True,
+                  model_name: str | None = None,
                   alias: str = DEFAULT_ALIAS, portable: str = "auto",
                   overwrite: bool = False, confirmed: bool = False) -> ExportResult:
     """Export the best checkpoint of search ``name`` (or ``trial``/``epoch``); at a
@@ -402,7 +403,7 @@ def export_search(name: str, *, storage: str | Path | None = None,
                 constraints=constraints)
         else:
             selection = select(name, storage=storage, tracking_uri=tracking_uri,
-                               constraints=constraints)
+                               constraints=constraints, space_constraints=space_constraints)
             chosen = pick(selection, trial=trial, epoch=epoch)
             search_dir, objectives = selection.search_dir, selection.objectives
         name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"

@@ -26,8 +26,12 @@ closing summary, ``summary.json``, ``stain-search best`` (its first row),
   importance, so the rule needs no weights or scaling (a "compromise" point
   depends on how the front happens to be spread, and moves when one trial is
   added). The whole front is listed by ``best`` and drawn by ``report``.
-- Constraints (``--min ssim_structure=0.7``: at least; ``--max fd_random=80``:
-  at most) drop checkpoints before ranking.
+- Constraints drop checkpoints before ranking: the space's own
+  (``constraints:``, recorded in the search's identity), plus any given here
+  (``--min ssim_structure=0.7``: at least; ``--max fd_random=80``: at most);
+  ``--no-constraints`` leaves the space's out. When no checkpoint meets them,
+  nothing is deployable: ``Selection.infeasible`` holds the ranking without
+  them, which ``best`` shows under a "no feasible checkpoint" line.
 """
 
 from __future__ import annotations
@@ -43,24 +47,9 @@ from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta
 from stain_search.errors import ConfigError
 from stain_search.pareto import deploy_order, pareto_ranks
 from stain_search.search_dir import SearchDir
+from stain_search.constraints import Constraint
 
 ALWAYS_SHOWN = ("ssim_structure",)  # the "does it keep the tissue" check, beside the objectives
-
-
-@dataclass(frozen=True)
-class Constraint:
-    metric: str
-    bound: str  # "min": metric ≥ value; "max": metric ≤ value
-    value: float
-
-    def holds(self, metrics: dict[str, Any]) -> bool:
-        v = metrics.get(self.metric)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            return False
-        return v >= self.value if self.bound == "min" else v <= self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric} {'≥' if self.bound == 'min' else '≤'} {self.value:g}"
 
 
 def parse_constraint(text: str, *, bound: str) -> Constraint:
@@ -113,6 +102,8 @@ class Selection:
     dropped: dict[str, int] = field(default_factory=dict)  # reason → count
     notes: list[str] = field(default_factory=list)
     search_id: str | None = None
+    # No checkpoint meets the constraints: the rest ranked without them (never deployed).
+    infeasible: list[Candidate] = field(default_factory=list)
 
     @property
     def multi_objective(self) -> bool:
@@ -140,7 +131,20 @@ class Selection:
                             "pareto": self.multi_objective and c.rank == 1}
                            for c in self.candidates],
             "dropped": self.dropped, "notes": self.notes,
+            "infeasible": [{**asdict(c), "checkpoint": str(c.checkpoint)}
+                           for c in self.infeasible],
         }
+
+    def no_feasible_line(self) -> str | None:
+        """One line when constraints left nothing to deploy but checkpoints exist."""
+        if self.candidates or not self.infeasible:
+            return None
+        b = self.infeasible[0]
+        shown = ", ".join(f"{c.metric}={_fmt(b.metrics.get(c.metric))}" for c in self.constraints)
+        return (f"no feasible checkpoint: none meets {', '.join(map(str, self.constraints))}; "
+                f"best infeasible shown (not deployable): #{b.number} {b.trial} epoch "
+                f"{b.epoch} ({shown}); `--no-constraints` or other --min/--max to choose "
+                f"among them")
 
 
 # --- ranking ------------------------------------------------------------------------
@@ -250,23 +254,25 @@ def trial_best(folder: Path, objectives: list[tuple[str, str]]) -> Candidate | N
 
 
 def select(name: str, *, storage: str | Path | None = None, tracking_uri: str | None = None,
-           constraints: Iterable[Constraint] = (), include_failed: bool = False,
-           per_trial: bool = False) -> Selection:
+           constraints: Iterable[Constraint] = (), space_constraints: bool = True,
+           include_failed: bool = False, per_trial: bool = False) -> Selection:
     """Rank the checkpoints of search ``name`` (see the module docstring)."""
     return select_dir(SearchDir.of(storage, name), tracking_uri=tracking_uri,
-                      constraints=constraints, include_failed=include_failed,
-                      per_trial=per_trial)
+                      constraints=constraints, space_constraints=space_constraints,
+                      include_failed=include_failed, per_trial=per_trial)
 
 
 def select_dir(sdir: SearchDir, *, tracking_uri: str | None = None,
-               constraints: Iterable[Constraint] = (), include_failed: bool = False,
-               per_trial: bool = False) -> Selection:
-    """:func:`select` on a search folder."""
+               constraints: Iterable[Constraint] = (), space_constraints: bool = True,
+               include_failed: bool = False, per_trial: bool = False) -> Selection:
+    """:func:`select` on a search folder. ``constraints`` come on top of the
+    space's own (``space_constraints=False`` leaves those out)."""
     record = sdir.read_record()
     name = record.name
     objectives = [(o.metric, o.mode) for o in record.objectives]
     keys = [p.key for p in record.params]
-    constraints = list(constraints)
+    constraints = list(dict.fromkeys([*(record.constraints if space_constraints else ()),
+                                      *constraints]))
     dropped: dict[str, int] = {}
     notes: list[str] = []
     candidates = gather(sdir, keys, dropped)
@@ -291,27 +297,41 @@ def select_dir(sdir: SearchDir, *, tracking_uri: str | None = None,
         dropped[reason] = dropped.get(reason, 0) + 1
         return False
 
-    def keep(c: Candidate) -> bool:
+    def usable(c: Candidate) -> bool:
         if c.state == "FAIL" and not include_failed:
             return drop("failed trial (--include-failed keeps them)")
         if any(v is None for v in c.values(objectives)):
             return drop("no objective value")
+        return True
+
+    def feasible(c: Candidate) -> bool:
         for con in constraints:
             if not con.holds(c.metrics):
                 return drop(f"fails {con}")
         return True
 
-    ranked = rank([c for c in candidates if keep(c)], objectives)
-    if per_trial:
-        seen: set[str] = set()
-        ranked = [c for c in ranked if not (c.trial in seen or seen.add(c.trial))]
-        if len(objectives) == 1:  # positions among the trials' best
-            for position, c in enumerate(ranked, 1):
-                c.rank = position
+    usable_ones = [c for c in candidates if usable(c)]
+    ranked = _per_trial(rank([c for c in usable_ones if feasible(c)], objectives),
+                        objectives, per_trial=per_trial)
+    infeasible = ([] if ranked or not constraints
+                  else _per_trial(rank(usable_ones, objectives), objectives, per_trial=per_trial))
     notes += certainty_notes(ranked, objectives, by_number, search=name)
     return Selection(search=name, search_dir=sdir.root, objectives=objectives, params=keys,
                      constraints=constraints, candidates=ranked, dropped=dropped, notes=notes,
-                     search_id=record.search_id)
+                     search_id=record.search_id, infeasible=infeasible)
+
+
+def _per_trial(ranked: list[Candidate], objectives: list[tuple[str, str]], *,
+               per_trial: bool) -> list[Candidate]:
+    """Each trial's best checkpoint only (``per_trial``), ranks renumbered."""
+    if not per_trial:
+        return ranked
+    seen: set[str] = set()
+    ranked = [c for c in ranked if not (c.trial in seen or seen.add(c.trial))]
+    if len(objectives) == 1:  # positions among the trials' best
+        for position, c in enumerate(ranked, 1):
+            c.rank = position
+    return ranked
 
 
 def certainty_notes(ranked: list[Candidate], objectives: list[tuple[str, str]],
@@ -373,6 +393,9 @@ def pick(selection: Selection, *, trial: str | None = None, epoch: int | None = 
             raise ConfigError(f"--epoch {epoch}: no kept checkpoint at that epoch "
                               f"(kept: {', '.join(map(str, epochs)) or 'none'})")
     if not chosen:
+        infeasible = selection.no_feasible_line()
+        if infeasible and trial is None and epoch is None:
+            raise ConfigError(f"search {selection.search!r}: {infeasible}")
         why = "; ".join(f"{n} {r}" for r, n in selection.dropped.items()) or "no checkpoints"
         raise ConfigError(f"search {selection.search!r}: no checkpoint to export ({why})")
     return chosen[0]
@@ -390,10 +413,14 @@ def format_table(selection: Selection, *, top: int = 10) -> str:
     objectives = [m for m, _ in selection.objectives]
     shown_metrics = objectives + [m for m in ALWAYS_SHOWN if m not in objectives]
     head = ["rank", "trial", "#", "state", "epoch", *shown_metrics, *selection.params, "run"]
-    rows = [[str(c.rank), c.trial, _fmt(c.number), c.state, str(c.epoch),
+    shown_metrics += [c.metric for c in selection.constraints if c.metric not in shown_metrics]
+    # No feasible checkpoint: the best infeasible ones, marked ✗ in place of a rank.
+    infeasible = selection.no_feasible_line()
+    listed = selection.infeasible if infeasible else selection.candidates
+    rows = [["✗" if infeasible else str(c.rank), c.trial, _fmt(c.number), c.state, str(c.epoch),
              *[_fmt(c.metrics.get(m)) for m in shown_metrics],
              *[_fmt(c.params.get(k)) for k in selection.params], (c.run_id or "-")[:8]]
-            for c in selection.candidates[:top]]
+            for c in listed[:top]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     numeric = {0, 2, 4, *range(5, 5 + len(shown_metrics))}  # right-aligned columns
@@ -403,12 +430,13 @@ def format_table(selection: Selection, *, top: int = 10) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     goal = ", ".join(f"{m} {mode}" for m, mode in selection.objectives)
-    out = [f"search {selection.search!r}: checkpoints ranked by {goal}"
-           + (" (rank 1 = Pareto front)" if selection.multi_objective else "")]
+    out = [infeasible] if infeasible else []
+    out += [f"search {selection.search!r}: checkpoints ranked by {goal}"
+            + (" (rank 1 = Pareto front)" if selection.multi_objective else "")]
     if selection.constraints:
         out.append("constraints: " + ", ".join(map(str, selection.constraints)))
     out += ["", line(head), line(["-" * w for w in widths]), *map(line, rows), ""]
-    n = len(selection.candidates)
+    n = len(listed)
     more = " (--top for more)" if n > top else ""
     out.append(f"{min(n, top)} of {n} checkpoint(s) shown{more}")
     if selection.multi_objective:
