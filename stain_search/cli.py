@@ -212,7 +212,7 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from stain_search.services import serve
+    from stain_search.services import serve, server_log
     from stain_search.tracking import resolve_tracking_uri, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -226,19 +226,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", root.resolve().as_uri()]
     base = f"http://{args.host}:{args.port}"
     links = ui_links(uri, args.search, base=base) if args.search else None  # bad name: no server
-    print(f"MLflow UI on {base}  (store: {uri}; Ctrl-C stops it)", flush=True)
+    log = server_log("mlflow-ui", args.port)
+    print(f"MLflow UI on {base}  (store: {uri}; Ctrl-C stops it; server log: {log})",
+          flush=True)
     if links:
         print(f"runs of search {args.search!r}: {links['runs']}")
         print(f"compare its top trials: {links['compare']}")
         print(f"report: {links['report']}", flush=True)
-    return serve(cmd)
+    return serve(cmd, log=log)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import shutil
 
     from stain_search.search_dir import SearchDir
-    from stain_search.services import serve
+    from stain_search.services import serve, server_log
 
     journal = SearchDir.of(args.storage, args.name).study_journal
     if not journal.is_file():
@@ -249,10 +251,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                or shutil.which("optuna-dashboard"))
     if program is None:
         raise ConfigError("optuna-dashboard is not installed: pip install 'stain-search[dashboard]'")
+    log = server_log("optuna-dashboard", args.port)
     print(f"optuna-dashboard on http://{args.host}:{args.port}  (study: {journal}; "
-          f"Ctrl-C stops it)", flush=True)
+          f"Ctrl-C stops it; server log: {log})", flush=True)
     return serve([program, str(journal), "--storage-class", "JournalFileStorage",
-                  "--host", args.host, "--port", str(args.port)])
+                  "--host", args.host, "--port", str(args.port)], log=log)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

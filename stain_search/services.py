@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 import psutil
@@ -28,18 +31,28 @@ class _Stopped(Exception):
     """A stop signal arrived while the server ran."""
 
 
-def serve(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> int:
+def serve(cmd: Sequence[str], *, env: dict[str, str] | None = None,
+          log: Path | None = None) -> int:
     """Run the server ``cmd`` until it exits or stain-search receives SIGINT or
     SIGTERM, then stop its whole process tree. Returns the server's exit
-    status, or 0 when it was stopped on request."""
+    status, or 0 when it was stopped on request. With ``log``, the server's own
+    output (start-up notices, access lines) goes to that file instead of the
+    terminal; if the server exits by itself, the file's last lines are shown."""
     def stop(signum: int, frame: object) -> None:
         raise _Stopped(signum)
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     proc: subprocess.Popen | None = None
+    out = open(log, "w", encoding="utf-8") if log is not None else None
     try:
-        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
-        return proc.wait()
+        proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+        status = proc.wait()
+        if out is not None and status != 0:
+            out.flush()
+            tail = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            print("\n".join(tail), file=sys.stderr)
+        return status
     except _Stopped:
         return 0
     finally:
@@ -52,6 +65,8 @@ def serve(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if out is not None:
+                out.close()
 
 
 def tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -117,3 +132,8 @@ def _wait_gone(proc: subprocess.Popen, members: list[psutil.Process], *,
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.1)
+
+
+def server_log(name: str, port: int) -> Path:
+    """Where a foreground server's own output goes: a file per server and port."""
+    return Path(tempfile.gettempdir()) / f"stain-search-{name}-{port}.log"

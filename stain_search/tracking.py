@@ -368,8 +368,9 @@ def ui_links(uri: str, search: str, *, base: str, top: int = TOP_COMPARED) -> di
         raise TrackingError(f"no search named {search!r} in {uri}: check --search and "
                             f"--tracking-uri (the store `stain-search run` wrote to)")
     parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'search'",
-                            order_by=["attributes.start_time DESC"], max_results=1)
-    parent = parents[0] if parents else None
+                            order_by=["attributes.start_time DESC"], max_results=100)
+    # The newest search itself, not a confirmation nested under one.
+    parent = next((r for r in parents if CONFIRMS_SEARCH not in r.data.tags), None)
     search_id = parent.data.tags.get(SEARCH_ID) if parent else None
     objectives = json.loads(parent.data.tags.get(OBJECTIVE, "[]")) if parent else []
     metric, mode = ((objectives[0]["metric"], objectives[0]["mode"]) if objectives else (None, "min"))

@@ -222,3 +222,20 @@ def test_model_version_description_names_its_origin():
     assert "`builtin:phantom-trichrome`" in text and "note" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "metric" not in line]
     assert rows == [f"| {OBJECTIVE} (objective, min) | 12.35 |", "| ssim_structure | 0.71 |"]
+
+
+def test_a_server_s_own_output_goes_to_its_log_and_its_last_lines_show_if_it_dies(
+        tmp_path, capfd):
+    """`ui`/`dashboard` keep MLflow's and uvicorn's start-up notices off the
+    terminal (issue 14), but a server that fails (a port in use) still says why."""
+    from stain_search.services import serve
+
+    log = tmp_path / "server.log"
+    noisy = [sys.executable, "-c", "print('INFO: Waiting for application startup.')"]
+    assert serve(noisy, log=log) == 0
+    assert capfd.readouterr() == ("", "")
+    assert "Waiting for application startup" in log.read_text()
+    dying = [sys.executable, "-c", "import sys; print('ERROR: [Errno 98] address already "
+             "in use'); sys.exit(3)"]
+    assert serve(dying, log=log) == 3
+    assert "address already in use" in capfd.readouterr().err
