@@ -83,11 +83,11 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool | None:
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     # TPE handles one objective and several (multi-objective TPE, Ozaki et al.,
     # 2020): the better choice for Pareto searches under ~100 trials.
-    "tpe": lambda seed, population, constraints: optuna.samplers.TPESampler(
+    "tpe": lambda seed, population, constraints=None: optuna.samplers.TPESampler(
         seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4,
         constraints_func=constraints),
-    "random": lambda seed, population, constraints: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda seed, population, constraints: optuna.samplers.NSGAIISampler(
+    "random": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed, population, constraints=None: optuna.samplers.NSGAIISampler(
         seed=seed, population_size=population, constraints_func=constraints),
 }
 
