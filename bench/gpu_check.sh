@@ -176,7 +176,7 @@ step trial_figures "$(limit 30 300)" "$PY" - <<'EOF'
 # GPU utilisation from the samples.
 import csv, json, os, statistics, sys
 import pandas as pd
-from analysis.load import load_search
+from stain_search.analysis.load import load_search
 work, out = os.environ["WORK"], os.environ["OUT"]
 frame = load_search("gpu-check", storage=os.path.join(work, "runs"),
                     tracking_uri=f"sqlite:///{work}/mlflow.db").frame

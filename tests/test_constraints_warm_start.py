@@ -148,7 +148,7 @@ def test_the_searcher_stores_the_drivers_constraint_values_when_it_tells(tmp_pat
 def test_the_report_marks_infeasible_trials():
     from types import SimpleNamespace
 
-    from analysis.report import feasibility
+    from stain_search.analysis.report import feasibility
 
     study = optuna.create_study()
     for violations in ([0.1], [-0.1], None):
