@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          profile=getattr(args, "profile", None), verbose=args.verbose,
                          live=not args.verbose and is_terminal(sys.stdout),
                          say=lambda line: print(line, flush=True))
-    print(format_summary(outcome))
+    print(format_summary(outcome.selection, tracking_uri=outcome.tracking_uri))
     return 0 if outcome.selection.best() is not None else 1
 
 

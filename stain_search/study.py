@@ -28,11 +28,12 @@ sampler ignores it, but the attribute is recorded all the same.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import logging
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import optuna
 from ray.tune.search import Searcher
@@ -40,10 +41,16 @@ from ray.tune.search import Searcher
 from stain_search.context import Pruning
 from stain_search.spaces import Param, SearchSpec
 
-if TYPE_CHECKING:
-    from stain_search.warm_start import WarmPoint
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmPoint:
+    """A point a new study starts with (enqueued, with its user attributes):
+    ``stain_search.warm_start`` makes them from another search's best trials."""
+
+    params: dict[str, Any]
+    attrs: dict[str, str]  # study user attributes, e.g. {"stain_search.warm_start": "OTHER #N"}
 
 # Keys the searcher adds to each trial's config beside the suggested values.
 OPTUNA_TRIAL_ID, OPTUNA_NUMBER, PARAMS = "optuna_trial_id", "optuna_number", "params"

@@ -7,10 +7,7 @@ lists its front.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the driver's result; summary.py never imports the driver
-    from stain_search.search import SearchOutcome
+from typing import Any
 
 
 def summary_record(selection, elapsed_s: float) -> dict[str, Any]:
@@ -27,8 +24,8 @@ def summary_record(selection, elapsed_s: float) -> dict[str, Any]:
             "elapsed_s": elapsed_s}
 
 
-def format_summary(outcome: "SearchOutcome") -> str:
-    selection = outcome.selection
+def format_summary(selection, *, tracking_uri: str) -> str:
+    """The run's closing lines for ``selection`` (``deploy.select.Selection``)."""
     best = selection.best()
     if best is None and selection.no_feasible_line():
         return (f"search {selection.search!r}: {selection.no_feasible_line()}; "
@@ -48,5 +45,5 @@ def format_summary(outcome: "SearchOutcome") -> str:
     if selection.multi_objective:
         lines.append(f"  Pareto front: {len(selection.front)} checkpoint(s) "
                      f"(`stain-search best {selection.search}` lists them)")
-    lines.append(f"MLflow store: {outcome.tracking_uri}  (stain-search ui)")
+    lines.append(f"MLflow store: {tracking_uri}  (stain-search ui)")
     return "\n".join(lines)

@@ -41,16 +41,9 @@ from typing import Any
 
 from stain_search.search_dir import SearchDir
 from stain_search.spaces import Param, SearchSpec
+from stain_search.study import WarmPoint
 
 ATTR = "stain_search.warm_start"  # the study user attribute (and MLflow tag) of a seeded trial
-
-
-@dataclass(frozen=True)
-class WarmPoint:
-    """One point the new study starts with."""
-
-    params: dict[str, Any]
-    attrs: dict[str, str]  # study user attributes: {ATTR: "OTHER #N"}
 
 
 @dataclass

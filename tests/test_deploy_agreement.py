@@ -27,7 +27,8 @@ def test_every_verb_names_the_same_checkpoint(finished_search, tmp_path, capsys)
 
     best = fs.outcome.selection.best()
     named["run's closing summary"] = (best.trial, best.epoch)
-    assert f"{best.trial} at epoch {best.epoch}" in format_summary(fs.outcome)
+    assert f"{best.trial} at epoch {best.epoch}" in format_summary(
+        fs.outcome.selection, tracking_uri=fs.outcome.tracking_uri)
     deploy = json.loads((fs.search_dir / "summary.json").read_text())["deploy"]
     named["summary.json"] = (deploy["trial"], deploy["epoch"])
 
