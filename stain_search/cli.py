@@ -316,6 +316,7 @@ def read_confirmation(args: argparse.Namespace):
 
 def cmd_best(args: argparse.Namespace) -> int:
     from stain_search.deploy.select import format_table, select
+    from stain_search.search_dir import SearchDir
 
     if args.confirmed:
         from stain_search.deploy.confirmed import format_confirmation
@@ -335,6 +336,9 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, default=str))
     else:
         print(format_table(selection, top=top))
+        if SearchDir(selection.search_dir).confirmation.exists():
+            print(f"note: this search has a confirmation over seeds: `stain-search best "
+                  f"{args.name} --confirmed` ranks its configurations by their mean")
     return 0 if selection.candidates else 1
 
 

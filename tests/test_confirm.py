@@ -120,6 +120,10 @@ def test_confirm_top2_over_2_seeds_then_best_report_and_export_follow_it(searche
     assert f"at epoch {conf['deploy']['epoch']}" in exported
     assert conf["deploy"]["trial"] in exported
 
+    # Plain `best` points at the confirmation.
+    assert main(_cli(root, uri, "best", NAME)) == 0
+    assert f"`stain-search best {NAME} --confirmed`" in capsys.readouterr().out
+
     # Run again: it continues (here: nothing left), trains nothing new.
     assert main(_cli(root, uri, "confirm", NAME, "--top", "2", "--seeds", "2")) == 0
     assert len(tracking.trial_runs(c, exp.experiment_id, search=NAME,
