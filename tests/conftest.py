@@ -9,6 +9,10 @@ change a search make their own.
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
+import subprocess
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,32 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
                  early_stopping: {{pruner: {pruner}, grace_period: 1, min_trials: {min_trials}}}{search_extra}}}
         resources: {resources}
         """)
+
+
+def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float = 600
+                    ) -> tuple[int, str]:
+    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal, as a person
+    at a terminal would; returns (exit status, what it printed, ANSI codes dropped)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            if not select.select([master], [], [], timeout)[0]:
+                pytest.fail(f"no output for {timeout:.0f} s")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        proc.wait(timeout=timeout)
+        os.close(master)
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "",
+                                   b"".join(chunks).decode(errors="replace"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import pty
 import re
-import select
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_space_yaml
+from conftest import run_on_terminal, tiny_space_yaml
 from stain_search.console import SearchConsole
 from stain_search.spaces import Objective
 
@@ -85,31 +82,11 @@ def test_a_search_under_a_terminal_shows_the_live_view(tmp_path):
     space = tmp_path / "live.yaml"
     space.write_text(tiny_space_yaml(name="live", num_samples=2, max_concurrent=1,
                                      pruner="none", epochs=2))
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "stain_search.cli", "run", str(space),
-                             "--storage", str(tmp_path / "runs"), "--tracking-uri",
-                             f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                            cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 600)
-            if not ready:
-                pytest.fail("no output for 10 minutes")
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        proc.wait(timeout=600)
-        os.close(master)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert proc.returncode == 0, text[-3000:]
+    rc, text = run_on_terminal([sys.executable, "-m", "stain_search.cli", "run", str(space),
+                                "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                                f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                               cwd=tmp_path, env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
+    assert rc == 0, text[-3000:]
     assert re.search(r"search live — \d/2 done \(", text), text[-3000:]
     assert re.search(r"best so far: #\d at epoch \d, fd_random \d", text), text[-3000:]
     assert "Trial status" not in text and "Configuration for experiment" not in text

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import pty
 import re
-import select
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, run_on_terminal
 from stain_search.progress import NO_PROGRESS_ENV, is_terminal, progress, progress_enabled
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -148,23 +146,7 @@ def _run(argv: list[str], *, tty: bool, cwd) -> tuple[int, str]:
     if not tty:
         done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         return done.returncode, done.stderr
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    try:
-        while select.select([master], [], [], 300)[0]:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        proc.wait(timeout=300)
-        os.close(master)
-    return proc.returncode, ANSI.sub("", b"".join(chunks).decode(errors="replace"))
+    return run_on_terminal(argv, cwd=cwd, env=env, timeout=300)
 
 
 def test_data_prepare_draws_a_bar_on_a_terminal_and_nothing_in_a_log(tmp_path):
