@@ -26,6 +26,7 @@ import pytest
 
 from conftest import tiny_space_yaml
 from stain_search import tracking
+from stain_search.lock import read_driver
 from stain_search.search_dir import SearchDir
 from stain_search.study import open_study
 
@@ -41,6 +42,11 @@ def _trials(sdir: SearchDir):
         return open_study(NAME, sdir.study_journal).get_trials(deepcopy=False)
     except KeyError:
         return []
+
+
+def _driver_pid(sdir: SearchDir) -> int | None:
+    info = read_driver(sdir.driver_file)
+    return info.pid if info else None
 
 
 def _wait(proc, until, *, what: str, timeout: float = 420):
@@ -111,7 +117,9 @@ def test_stopped_three_times_then_resumed_loses_and_repeats_nothing(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait(proc, lambda: any(t.state == TS.RUNNING for t in _trials(sdir)), what="a trial")
+        # The journal still holds the interrupted trial as RUNNING: wait for this
+        # driver to hold the lock (driver.json names it) before a second one races it.
+        _wait(proc, lambda: _driver_pid(sdir) == proc.pid, what="the driver lock")
         again = subprocess.run(resume_cmd, cwd=tmp_path, capture_output=True, text=True,
                                timeout=120)
         live = subprocess.run(cli + ["status", NAME, "--json", *common], cwd=tmp_path,
