@@ -66,6 +66,8 @@ class Search:
     frame: pd.DataFrame = field(repr=False)
     # stain_search.deploy.confirmed.Confirmation: `stain-search confirm`'s, if it ran
     confirmation: Any = field(default=None, repr=False)
+    # the space's `constraints:` (stain_search.constraints.Constraint)
+    constraints: tuple = ()
 
     @property
     def multi_objective(self) -> bool:
@@ -239,7 +241,8 @@ def load_search(name: str, *, storage: str | Path | None = None,
     return Search(name=name, search_dir=search_dir, tracking_uri=uri,
                   experiment_id=experiment_id, parent_run_id=parent, objectives=objectives,
                   params=params, base=record.base, study=study, frame=frame,
-                  confirmation=confirmation(sdir, tracking_uri=uri))
+                  confirmation=confirmation(sdir, tracking_uri=uri),
+                  constraints=tuple(record.constraints))
 
 
 def save_parquet(frame: pd.DataFrame, path: str | Path) -> Path:

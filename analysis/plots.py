@@ -203,9 +203,13 @@ def importance_bars(scores: dict[str, dict[str, dict[str, float]]], *,
 # --- multi-objective ---------------------------------------------------------------
 
 def pareto(table: pd.DataFrame, *, objectives: Sequence[Objective], front: np.ndarray,
-           chosen: str | None = None) -> Figure:
+           chosen: str | None = None, constraints: Sequence = (),
+           feasible: np.ndarray | None = None) -> Figure:
     """One panel per pair of objectives; the front joined in order, the chosen trial
-    starred. ``front`` is a bool mask over ``table``'s rows."""
+    starred. ``front`` is a bool mask over ``table``'s rows. With the space's
+    ``constraints``, a bound on a plotted objective shades the side of the axis
+    it excludes (the feasible region stays clear), and ``feasible`` (a bool mask
+    over the rows) crosses out the trials that miss any constraint."""
     pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1:]]
     fig, axes = _grid(1, max(len(pairs), 1), w=5.0, h=4.2)
     for col, (a, b) in enumerate(pairs):
@@ -219,9 +223,13 @@ def pareto(table: pd.DataFrame, *, objectives: Sequence[Objective], front: np.nd
         ax.scatter(fx, fy, s=46, color="#1f77b4", label="Pareto front", zorder=3)
         for xi, yi, n in zip(x[ok], y[ok], table["number"][ok]):
             ax.annotate(f"#{n}", (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=8)
+        if feasible is not None and (ok & ~feasible).any():
+            ax.scatter(x[ok & ~feasible], y[ok & ~feasible], s=90, marker="x", color="#d62728",
+                       zorder=4, label="misses a constraint")
         if chosen is not None:
             m = (table["trial"] == chosen).to_numpy() & ok
             ax.scatter(x[m], y[m], label=f"chosen ({chosen})", **CHOSEN_STYLE)
+        _shade_infeasible(ax, constraints, x_metric=a.metric, y_metric=b.metric)
         ax.set_xlabel(objective_label(a))
         ax.set_ylabel(objective_label(b))
         ax.grid(alpha=0.3)
@@ -229,6 +237,22 @@ def pareto(table: pd.DataFrame, *, objectives: Sequence[Objective], front: np.nd
     fig.suptitle("Pareto front — no trial on it can improve one objective without losing on "
                  "another")
     return fig
+
+
+def _shade_infeasible(ax, constraints: Sequence, *, x_metric: str, y_metric: str) -> None:
+    """Grey hatching over what a bound on an axis's metric excludes."""
+    labelled = False
+    for c in constraints:
+        for metric, span, limits in ((x_metric, ax.axvspan, ax.get_xlim()),
+                                     (y_metric, ax.axhspan, ax.get_ylim())):
+            if c.metric != metric:
+                continue
+            lo, hi = limits
+            start, end = (min(lo, c.value), c.value) if c.bound == "min" else (c.value, max(hi, c.value))
+            span(start, end, color="#888888", alpha=0.15, hatch="//", lw=0,
+                 label=None if labelled else "outside the constraints")
+            labelled = True
+            (ax.set_xlim if span is ax.axvspan else ax.set_ylim)(min(lo, start), max(hi, end))
 
 
 # --- over training ----------------------------------------------------------------------

@@ -173,8 +173,12 @@ def make_figures(search: Search, analysis: Analysis, folder: Path, *,
                                               ranges={p.key: (p.low, p.high)
                                                       for p in search.params}))
     if search.multi_objective:
-        keep("pareto", plots.pareto(table, objectives=search.objectives, front=analysis.front,
-                                    chosen=analysis.chosen))
+        feasible = feasibility(search)
+        keep("pareto", plots.pareto(
+            table, objectives=search.objectives, front=analysis.front, chosen=analysis.chosen,
+            constraints=search.constraints,
+            feasible=np.array([feasible.get(int(n), True) is not False for n in table["number"]])
+            if feasible else None))
     keep("best_so_far", plots.best_so_far(search.frame, objectives=search.objectives))
     colour = colour_param(search, analysis)
     keep("loss_curves", plots.loss_curves(search.frame, colour_by=colour,

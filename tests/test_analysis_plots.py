@@ -105,6 +105,30 @@ def test_pareto_draws_the_front_and_the_chosen_trial(tmp_path, table):
     assert_png(plots.save(fig, tmp_path / "pareto.png"))
 
 
+def test_pareto_shades_what_the_constraints_exclude_and_crosses_out_misses(tmp_path, table):
+    from stain_search.constraints import Constraint
+
+    t = table.copy()
+    t["ssim_structure"] = np.linspace(0.9, 0.4, len(t))
+    front = np.zeros(len(t), dtype=bool)
+    front[[0, 2]] = True
+    feasible = (t["ssim_structure"] >= 0.6).to_numpy()
+    fig = plots.pareto(t, objectives=[FD, SSIM], front=front, chosen=t["trial"].iloc[0],
+                       constraints=[Constraint("ssim_structure", "min", 0.6),
+                                    Constraint("nuclei_f1", "min", 0.5)],  # not on an axis
+                       feasible=feasible)
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels.count("outside the constraints") == 1 and "misses a constraint" in labels
+    shade = handles[labels.index("outside the constraints")]
+    ys = shade.get_path().transformed(shade.get_patch_transform()).vertices[:, 1]
+    # ssim ≥ 0.6 holds above the line: the shaded band is below it, down to the axis.
+    assert max(ys) == pytest.approx(0.6) and min(ys) <= t["ssim_structure"].min()
+    crosses = ax.collections[[c.get_label() for c in ax.collections].index("misses a constraint")]
+    assert len(crosses.get_offsets()) == int((~feasible).sum())
+    assert_png(plots.save(fig, tmp_path / "pareto_constraints.png"))
+
+
 def test_loss_curves_one_line_per_trial_coloured_by_log_param(tmp_path, frame):
     fig = plots.loss_curves(frame, colour_by="loss.lambda_cycle", log_colour=True, chosen="trial_00")
     titles = [ax.get_title() for ax in fig.axes[:3]]
