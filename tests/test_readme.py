@@ -5,8 +5,11 @@ README's order, in one fresh folder, as a user would type it there. Only the
 file names a reader replaces with their own are substituted: ``spaces/lambda.yaml``
 becomes a tiny copy of the bundled space in ``./spaces/`` (a file path wins
 over a bundled name), ``my-space.yaml``/``my.yaml`` tiny files, ``/data/BCI``
-a BCI-layout folder made from the phantom, ``slide.tif`` a small TIFF. Each
-must exit 0, or be listed in ``NOT_RUN`` with the reason it cannot run here.
+a BCI-layout folder made from the phantom, ``slide.tif`` a small TIFF. Budgets
+shrink as the spaces do (``SMALLER``: ``--num-samples 12`` runs 3 trials,
+``--top 3 --seeds 3`` 2 × 2 re-trainings): the same code paths, a quarter of
+the trials. Each must exit 0, or be listed in ``NOT_RUN`` with the reason it
+cannot run here.
 This is the test that would have caught ``--name`` failing every trial.
 """
 
@@ -101,10 +104,18 @@ def user_folder(tmp_path_factory):
     return cwd
 
 
+# A budget flag's value in the README → the value run here (tiny spaces, 2 CPUs).
+SMALLER = {"--num-samples": "3", "--top": "2", "--seeds": "2"}
+
+
 def substitute(command: str, cwd: Path) -> list[str]:
     words = shlex.split(command)
     swap = {"/data/BCI": str(cwd / "data" / "BCI")}
-    return [sys.executable, "-m", "stain_search.cli", *[swap.get(w, w) for w in words[1:]]]
+    out = [swap.get(w, w) for w in words[1:]]
+    for i, word in enumerate(out[:-1]):
+        if word in SMALLER:
+            out[i + 1] = SMALLER[word]
+    return [sys.executable, "-m", "stain_search.cli", *out]
 
 
 def test_every_readme_command_runs(user_folder):
