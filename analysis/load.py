@@ -203,7 +203,7 @@ def load_search(name: str, *, storage: str | Path | None = None,
                 tracking_uri: str | None = None) -> Search:
     """Read a search (finished or running) from its folder, study and MLflow store.
     Reads only: nothing is created, not even an empty SQLite store."""
-    sdir = SearchDir.of(storage, name)
+    sdir = SearchDir.of(storage, name).pull()
     search_dir = sdir.root
     record = sdir.read_record()
     name = record.name

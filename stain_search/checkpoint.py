@@ -7,6 +7,12 @@
 A checkpoint folder is built under a temporary name and renamed into place
 in one step, so a crash mid-write leaves a stray ``.tmp-*`` folder that no
 reader picks, never a half checkpoint under a real name.
+
+In the local mirror of a URI storage (``stain_search.storage``) a checkpoint
+holds ``meta.json`` and, instead of its weights, ``state.pt.remote``: the
+URI of its ``state.pt``. Everything that only reads metrics (selection, the
+report) works on that; :func:`state_file` fetches the weights the first time
+something loads them, so `best` never downloads every trial's weights.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from stain_search.errors import StainSearchError
 FORMAT = "stain-search-checkpoint/1"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+STATE_POINTER = "state.pt.remote"  # in a mirror: where state.pt is (one URI)
 PREFIX = "checkpoint_epoch_"
 
 
@@ -50,10 +57,28 @@ def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path
     return folder
 
 
+def has_state(folder: Path) -> bool:
+    """The weights are here, or (a mirror) their URI is."""
+    return (Path(folder) / STATE_FILE).is_file() or (Path(folder) / STATE_POINTER).is_file()
+
+
+def state_file(folder: Path) -> Path:
+    """The local ``state.pt``, fetched from the storage first in a mirror."""
+    local = Path(folder) / STATE_FILE
+    pointer = Path(folder) / STATE_POINTER
+    if not local.is_file() and pointer.is_file():
+        from stain_search.storage import Remote
+
+        uri = pointer.read_text().strip()
+        parent, _, name = uri.rpartition("/")
+        Remote(parent).download(name, local)
+    return local
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     meta_path = folder / META_FILE
-    if not (folder / STATE_FILE).is_file() or not meta_path.is_file():
+    if not has_state(folder) or not meta_path.is_file():
         raise CheckpointError(f"{folder}: not a stain-search checkpoint "
                               f"(expected {STATE_FILE} and {META_FILE})")
     try:
@@ -70,7 +95,9 @@ def read_checkpoint(folder: Path, *, map_location: str | torch.device = "cpu") -
     """Return (state, meta). Never executes pickled code."""
     meta = read_meta(folder)
     try:
-        state = torch.load(Path(folder) / STATE_FILE, map_location=map_location, weights_only=True)
+        state = torch.load(state_file(folder), map_location=map_location, weights_only=True)
+    except StainSearchError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not ours"
         raise CheckpointError(f"{Path(folder) / STATE_FILE}: cannot be loaded safely "
                               f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
@@ -84,7 +111,7 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(PREFIX) and (p / META_FILE).is_file()
-             and (p / STATE_FILE).is_file()]
+             and has_state(p)]
     return sorted(found, key=lambda p: p.name)
 
 

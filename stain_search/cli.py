@@ -153,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          resume=args.resume, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent,
                          warm_start=getattr(args, "warm_start", None),
+                         shared_fs=getattr(args, "shared_fs", False),
                          profile=getattr(args, "profile", None), verbose=args.verbose,
                          live=not args.verbose and is_terminal(sys.stdout),
                          say=lambda line: print(line, flush=True))
@@ -165,7 +166,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     its recorded budget (``--num-samples N`` extends it)."""
     from stain_search.search_dir import SearchDir
 
-    sdir = SearchDir.of(args.storage, args.name)
+    sdir = SearchDir.of(args.storage, args.name).pull()
     record = sdir.read_record()
     args.space = str(sdir.space_file)
     args.data = record.data if args.data is None else args.data
@@ -216,6 +217,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from stain_search.tracking import resolve_tracking_uri, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a tracking server is its own UI
+        from stain_search.tracking import client
+
+        client(uri)  # a server that does not answer: one line
+        print(f"MLflow UI: {uri.rstrip('/')}  (the tracking server serves it; nothing to start)")
+        links = ui_links(uri, args.search, base=uri.rstrip("/")) if args.search else {}
+        for what, link in links.items():
+            print(f"{what}: {link}")
+        return 0
     # One worker: a viewer for one person. With several, uvicorn's supervisor
     # restarts any worker slow to answer its health check, and on a busy
     # 2-core machine the UI then never came up (workers respawned for minutes).
@@ -242,10 +252,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from stain_search.search_dir import SearchDir
     from stain_search.services import serve, server_log
 
-    journal = SearchDir.of(args.storage, args.name).study_journal
+    journal = SearchDir.of(args.storage, args.name).pull().study_journal
     if not journal.is_file():
         raise ConfigError(f"{journal}: no study of a search named {args.name!r} "
-                          f"(looked in --storage {args.storage or 'stain-search-runs'})")
+                          f"(looked in {SearchDir.of(args.storage, args.name).where})")
     # The command installed beside this Python first (a venv not on PATH).
     program = (shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
                or shutil.which("optuna-dashboard"))
@@ -289,6 +299,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         outcome = run_confirm(args.name, top=args.top, seeds=args.seeds, storage=args.storage,
                               tracking_uri=args.tracking_uri, address=args.address,
                               max_concurrent=args.max_concurrent, verbose=args.verbose,
+                              shared_fs=args.shared_fs,
                               live=not args.verbose and is_terminal(sys.stdout),
                               say=lambda line: print(line, flush=True))
     conf = outcome.confirmation
@@ -305,7 +316,7 @@ def read_confirmation(args: argparse.Namespace):
     if args.min or args.max:
         raise ConfigError("--confirmed ranks configurations by their mean over seeds; "
                           "--min/--max apply to single checkpoints: drop one of them")
-    sdir = SearchDir.of(args.storage, args.name)
+    sdir = SearchDir.of(args.storage, args.name).pull()
     sdir.read_record()  # no such search: one line
     conf = confirmation(sdir, tracking_uri=args.tracking_uri)
     if conf is None:
@@ -314,10 +325,23 @@ def read_confirmation(args: argparse.Namespace):
     return conf
 
 
+def check_tracking_server(args: argparse.Namespace) -> None:
+    """A tracking server the user named must answer: one line and exit 2 at once,
+    not a listing without its run ids (``best``) or an export that fails after
+    writing its folder, after minutes of MLflow's retries. (A local SQLite store
+    is not probed: opening it would create it.)"""
+    from stain_search import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        tracking.client(uri)
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from stain_search.deploy.select import format_table, select
     from stain_search.search_dir import SearchDir
 
+    check_tracking_server(args)
     if args.confirmed:
         from stain_search.deploy.confirmed import format_confirmation
 
@@ -345,6 +369,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from stain_search.deploy.export import export_search
 
+    check_tracking_server(args)
     result = export_search(args.name, storage=args.storage, tracking_uri=args.tracking_uri,
                            trial=args.trial, epoch=args.epoch, out=args.out,
                            constraints=parse_constraints(args),

@@ -11,9 +11,14 @@ import argparse
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset folder or builtin:NAME (overrides the space's data)")
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="--storage is a local path every node of the --address cluster sees "
+                   "(NFS, Lustre...); without it a multi-node cluster needs a URI storage, "
+                   "e.g. s3://bucket/runs")
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
     p.add_argument("--max-concurrent", type=int, help="override search.max_concurrent")
     p.add_argument("--profile", help="the space's scale, e.g. demo or gpu (default: gpu "
@@ -31,7 +36,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
 
 def add_selection_options(p: argparse.ArgumentParser) -> None:
     """Where a finished search is, and which of its checkpoints count (best, export)."""
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--min", action="append", metavar="METRIC=VALUE",
                    help="only checkpoints with METRIC ≥ VALUE, e.g. --min ssim_structure=0.7")
@@ -102,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "search's best K trials by the deploy rule (default 3)")
     p.add_argument("--seeds", type=int, default=3, help="new train.seed values per "
                    "configuration (default 3; the same seeds for every configuration)")
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="--storage is a local path every node of the cluster sees")
     p.add_argument("--max-concurrent", type=int, help="runs at once (default: the search's)")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -114,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="a search's trials, best so far and driver, without "
                        "Ray (no NAME: every search in --storage)")
     p.add_argument("name", nargs="?", help="search name (default: list the searches)")
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(verb="status")
@@ -133,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="serve a search's Optuna study in optuna-dashboard "
                        "(the `dashboard` extra)")
     p.add_argument("name", help="search name")
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1 only)")
     p.add_argument("--port", type=int, default=8080, help="default: 8080")
     p.set_defaults(verb="dashboard")
@@ -141,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="one HTML page on what a search taught us "
                        "(importance, Pareto front, plots, flags)")
     p.add_argument("name", help="search name")
-    p.add_argument("--storage", help="folder for searches (default: ./stain-search-runs)")
+    p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
+                   "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--out", help="HTML file (default: <storage>/<name>/report.html)")
     p.add_argument("--parquet", help="also save all trials × epochs as this Parquet file")

@@ -87,7 +87,7 @@ def check_same_confirmation(spec: SearchSpec, cdir: SearchDir) -> None:
     trials = sorted({a.get(tracking.CONFIRMS) for a in planned} - {None})
     n_seeds = len({a.get(tracking.SEED) for a in planned} - {None})
     raise ConfigError(
-        f"{cdir.root}: this search already has a confirmation of other runs "
+        f"{cdir.where}: this search already has a confirmation of other runs "
         f"(--top {len(trials)} --seeds {n_seeds}: {', '.join(trials) or '?'}); rerun "
         f"`stain-search confirm {spec.name} --top {len(trials)} --seeds {n_seeds}` to continue "
         f"it, or move that folder away to confirm afresh (if the search's top trials changed "
@@ -105,9 +105,9 @@ class ConfirmOutcome:
 def run_confirm(name: str, *, top: int, seeds: int, storage: str | Path | None = None,
                 tracking_uri: str | None = None, address: str | None = None,
                 max_concurrent: int | None = None, verbose: int = 1, live: bool = False,
-                say=None) -> ConfirmOutcome:
+                say=None, shared_fs: bool = False) -> ConfirmOutcome:
     """Run (or continue) the confirmation of search ``name``."""
-    sdir = SearchDir.of(storage, name)
+    sdir = SearchDir.of(storage, name).pull()
     spec = confirmation_spec(sdir, top=top, seeds=seeds, tracking_uri=tracking_uri)
     cdir = sdir.confirmation
     check_same_confirmation(spec, cdir)
@@ -119,7 +119,7 @@ def run_confirm(name: str, *, top: int, seeds: int, storage: str | Path | None =
               if experiment else None)
     outcome = search_spec(
         spec, cdir, tracking_uri=uri, address=address, resume=cdir.exists(),
-        max_concurrent=max_concurrent, verbose=verbose, live=live, say=say,
+        max_concurrent=max_concurrent, verbose=verbose, live=live, say=say, shared_fs=shared_fs,
         parent_run=ParentRun(nested_in=parent.info.run_id if parent else None,
                              run_name=f"{record.name} confirm top {top} × {seeds} seeds",
                              tags={tracking.CONFIRMS_SEARCH: record.search_id or ""},

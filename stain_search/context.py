@@ -4,10 +4,11 @@ The driver (``stain_search.search``) builds one frozen :class:`TrialContext`
 and Ray pickles it to every trial (``tune.with_parameters``); a trial adds its
 own part (:class:`WorkerContext`: its config, MLflow run, folder and Optuna
 trial) and hands that to its workers. No trial re-reads the space file or
-re-resolves anything the driver decided: the search name, the study, the
-tracking ids, the objectives, the resources, the pruning rule and the
-evaluation features (the ``eval`` section of ``base_config`` is resolved
-before Ray starts) all travel here.
+re-resolves anything the driver decided: the search name, the study (where
+the driver serves it: :class:`StudyAccess`), the tracking ids, the
+objectives, the resources, the pruning rule and the evaluation features
+(the ``eval`` section of ``base_config`` is resolved before Ray starts) all
+travel here.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ class Pruning:
 
 
 @dataclass(frozen=True)
+class StudyAccess:
+    """How a trial on any node reaches the search's study: the gRPC proxy the
+    driver serves it with (``stain_search.study_proxy``), on the driver's Ray
+    node. Decided once by the driver; a trial never looks for the journal."""
+
+    name: str  # the study's name (the search's)
+    host: str  # the driver's Ray node address (127.0.0.1 on a private local cluster)
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class TrialContext:
     """The search's fixed part: the same for every trial of one driver run."""
 
@@ -57,6 +73,7 @@ class TrialContext:
     objectives: tuple[Objective, ...]
     resources: Resources
     pruning: Pruning
+    study: StudyAccess  # the study, as the driver serves it to every node
 
     @property
     def first_objective(self) -> Objective:
@@ -76,4 +93,17 @@ class WorkerContext:
 
     @property
     def trial_dir(self) -> Path:
-        return self.trial.search_dir.trial(self.number)
+        """Where this trial's checkpoints are written: the search folder's trial
+        folder, or with a URI storage this node's scratch (each checkpoint is
+        uploaded from there, see :attr:`trial_remote`)."""
+        sdir = self.trial.search_dir
+        if sdir.remote is None:
+            return sdir.trial(self.number)
+        from stain_search.storage import scratch_root
+
+        return scratch_root() / self.trial.search_id / sdir.trial(self.number).relative_to(sdir.root)
+
+    @property
+    def trial_remote(self):
+        """The trial's folder in a URI storage (None: a local storage)."""
+        return self.trial.search_dir.trial_remote(self.number)

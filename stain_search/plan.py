@@ -54,6 +54,60 @@ def check_hardware(spec: SearchSpec, *, gpus: int) -> None:
             f"without a GPU")
 
 
+def worker_bundle(resources: Any) -> dict[str, float]:
+    """What one trial worker holds (in_trial: the trial process itself)."""
+    return {"CPU": float(resources.cpus_per_worker),
+            **({"GPU": float(resources.gpus_per_worker)} if resources.gpus_per_worker > 0 else {})}
+
+
+def workers_on(node: Mapping[str, float], bundle: Mapping[str, float]) -> int:
+    """How many ``bundle``-sized workers one node's resources hold."""
+    # 1e-9: Ray counts resources in 1e-4 units; 0.3 × 3 must fit in 0.9.
+    return int(min((node.get(k, 0.0) + 1e-9) // v for k, v in bundle.items() if v > 0))
+
+
+def trials_that_fit(resources: Any, nodes: list[Mapping[str, float]]) -> int:
+    """How many trials the nodes hold at once. A trial's workers are identical
+    bundles, so placing them node by node is exact (no packing puzzle)."""
+    bundle = worker_bundle(resources)
+    workers = 1 if resources.resolved_executor == "in_trial" else resources.workers_per_trial
+    return sum(workers_on(n, bundle) for n in nodes) // workers
+
+
+def describe_nodes(nodes: list[Mapping[str, float]]) -> str:
+    """"2 nodes with 1 CPU each", "1 node with 8 CPU, 1 GPU and 1 node with 4 CPU"."""
+    def one(n: Mapping[str, float]) -> str:
+        return ", ".join(f"{n.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k == "CPU" or n.get(k))
+
+    groups: dict[str, int] = {}
+    for n in nodes:
+        groups[one(n)] = groups.get(one(n), 0) + 1
+    if not groups:
+        return "no alive node"
+    return " and ".join(f"{count} node{'s' if count > 1 else ''} with {what}"
+                        f"{' each' if count > 1 else ''}" for what, count in groups.items())
+
+
+def check_cluster(spec: SearchSpec, nodes: list[Mapping[str, float]], *,
+                  where: str = "the cluster") -> int:
+    """Refuse a space none of whose trials the cluster's nodes can ever hold (Ray
+    would keep it pending, or Ray Train retry its worker group, forever); else
+    how many trials fit at once. ``nodes``: each alive node's total resources."""
+    r = spec.resources
+    fits = trials_that_fit(r, nodes)
+    if fits > 0:
+        return fits
+    workers = 1 if r.resolved_executor == "in_trial" else r.workers_per_trial
+    gpus = f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker > 0 else ""
+    one_fits = any(workers_on(n, worker_bundle(r)) for n in nodes)
+    fix = ("lower workers_per_trial or add nodes" if one_fits else
+           "lower cpus_per_worker/gpus_per_worker or add larger nodes")
+    raise ConfigError(
+        f"resources: a trial needs {workers} worker{'s' if workers > 1 else ''} × "
+        f"{r.cpus_per_worker:g} CPU{gpus}; {where} has {describe_nodes(nodes)} — {fix} "
+        f"({spec.path.name})")
+
+
 def dry_run(spec: SearchSpec, *, gpus: int) -> str:
     """What ``--dry-run`` prints: the search exactly as it would start, as YAML.
 

@@ -29,7 +29,6 @@ The driver, top to bottom:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import time
@@ -37,25 +36,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.tune import Callback
 
-from stain_search import tracking
+from stain_search import cluster, tracking
+from stain_search.cluster import ray_log_dir, trial_resources
 from stain_search.config import Config
 from stain_search.context import Pruning, TrialContext
 from stain_search.errors import ConfigError, SearchInterrupted, StorageFull
 from stain_search.console import SearchConsole
 from stain_search.lock import DriverLock, is_locked, read_driver
+from stain_search.mirror import JournalSync, pull_trial
+from stain_search.study_proxy import requested_port
 from stain_search.plan import describe
 from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of, trial_name
-from stain_search.spaces import Resources, SearchSpec, load_space
+from stain_search.spaces import SearchSpec, load_space
 from stain_search.weights import resolve_eval
 from stain_search.summary import summary_record
 from stain_search.stopping import (StopCallback, Stopper, is_storage_error,
                                    storage_error_message)
 
-# The trial function only waits on its TorchTrainer; the workers hold the real
-# CPUs/GPUs. Ray refuses an empty request, so the driver asks for a sliver.
-TRIAL_DRIVER_CPU = 0.01
 EXPERIMENT_STATE_PERIOD_S = 1
 
 
@@ -91,7 +91,7 @@ def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> Sear
     Returns the saved record when the search exists (resume). Writes nothing."""
     if not sdir.exists():
         if resume:
-            raise ConfigError(f"{sdir.root}: no search named {spec.name!r} to resume")
+            raise ConfigError(f"{sdir.where}: no search named {spec.name!r} to resume")
         return None
     saved = sdir.read_record()
     if saved.identity != identity_of(spec):
@@ -99,11 +99,11 @@ def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> Sear
         changed = [k for k in dict.fromkeys([*saved.identity, *now])
                    if saved.identity.get(k) != now.get(k)]
         raise ConfigError(
-            f"{sdir.root}: a search named {spec.name!r} already exists with a different "
+            f"{sdir.where}: a search named {spec.name!r} already exists with a different "
             f"{' and '.join(changed) or 'space'}; pass --name to start a new search "
             f"(results are never mixed)")
     if not resume:
-        raise ConfigError(f"{sdir.root}: search {spec.name!r} already exists; pass "
+        raise ConfigError(f"{sdir.where}: search {spec.name!r} already exists; pass "
                           f"--resume to continue it (or `stain-search resume {spec.name}`) "
                           f"or --name to start a new one")
     if is_locked(sdir.lock_file):
@@ -112,6 +112,19 @@ def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> Sear
         raise ConfigError(f"search {spec.name!r} is running ({who}); wait for it or stop it "
                           f"before resuming")
     return saved
+
+
+def check_shared_storage(sdir: SearchDir, *, shared_fs: bool) -> None:
+    """A local --storage on a cluster of several nodes: the other nodes' trials
+    would write checkpoints where the driver and later commands never look."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if sdir.remote is None and len(nodes) > 1 and not shared_fs:
+        raise ConfigError(
+            f"--storage {sdir.root.parent} is a local folder, but the Ray cluster has "
+            f"{len(nodes)} nodes and the others cannot see it; pass a URI storage "
+            f"(e.g. --storage s3://bucket/runs), or --shared-fs if every node mounts it")
 
 
 def verify_data(spec: SearchSpec) -> None:
@@ -132,28 +145,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def init_ray(address: str | None, *, verbose: int = 0) -> bool:
-    """Connect to a cluster (--address / RAY_ADDRESS) or start a local one.
-    Quiet unless ``verbose``: the trials' own output goes to Ray's log files."""
-    import logging
-
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {} if verbose else {"logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, log_to_driver=bool(verbose), **quiet)
-    else:
-        # A private local cluster: no token auth needed, no dashboard to start.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=bool(verbose),
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}, **quiet)
-    return True
-
-
 def quiet_libraries() -> None:
     """The search's console speaks for the search: MLflow's and Optuna's
     informational logs, and Tune's experiment box (its newer reporter prints it
@@ -169,22 +160,27 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def ray_log_dir() -> str | None:
-    import ray
+def init_ray(address: str | None, *, verbose: int = 0) -> bool:
+    """Connect to a cluster (--address / RAY_ADDRESS) or start a local one; True
+    when this call did. Quiet unless ``verbose``: the trials' own output goes to
+    Ray's log files."""
+    import logging
 
-    try:
-        return str(Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs")
-    except AttributeError:  # a client connection (ray://) has no local session
-        return None
-
-
-def trial_resources(resources: Resources) -> dict[str, float]:
-    """What one Tune trial holds: the worker itself (in_trial), or only a
-    sliver for the thin driver that waits on its TorchTrainer (ray_train)."""
-    if resources.resolved_executor == "ray_train":
-        return {"CPU": TRIAL_DRIVER_CPU}
-    return {"CPU": resources.cpus_per_worker,
-            **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker > 0 else {})}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = cluster.address_of(address)
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
+    if address:  # the driver's Ray Train settings reach trials on every node
+        env = cluster.forwarded_env()
+        ray.init(address=address, log_to_driver=bool(verbose),
+                 **({"runtime_env": {"env_vars": env}} if env else {}), **quiet)
+    else:
+        # A private local cluster: no token auth needed, no dashboard to start.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=bool(verbose),
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}, **quiet)
+    return True
 
 
 def tune_trial_name(trial) -> str:
@@ -194,8 +190,7 @@ def tune_trial_name(trial) -> str:
 
 def next_tune_run(sdir: SearchDir) -> str:
     """Each driver run gets its own Tune experiment folder (logs only)."""
-    runs = [p for p in sdir.tune.glob("run-*") if p.is_dir()] if sdir.tune.is_dir() else []
-    return f"run-{len(runs) + 1}"
+    return f"run-{sdir.tune_runs() + 1}"
 
 
 class ParentProgress(Callback):
@@ -232,19 +227,23 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                address: str | None = None, resume: bool = False,
                num_samples: int | None = None, max_concurrent: int | None = None,
                profile: str | None = None, warm_start: str | None = None,
+               shared_fs: bool = False,
                verbose: int = 1, live: bool = False, say=None) -> SearchOutcome:
     """Run (or resume) a search. ``verbose`` 0 shows the search's own console
     (``stain_search.console``: a live view if ``live``, else a line per trial)
     through ``say`` (print); 1 or more, Ray Tune's tables and every trial's
     output, as Ray prints them. ``warm_start``: the name of a finished search in
-    the same ``storage`` whose best trials a new search starts with."""
+    the same ``storage`` whose best trials a new search starts with. ``shared_fs``:
+    a local ``storage`` that every node of a multi-node cluster sees."""
     spec = load_space(space, data=data, profile=profile)
     if name:
         spec.name = name
+    storage = storage or spec.storage
     return search_spec(spec, SearchDir.of(storage, spec.name), tracking_uri=tracking_uri,
                        address=address, resume=resume, num_samples=num_samples,
                        max_concurrent=max_concurrent, verbose=verbose, live=live, say=say,
-                       warm_start=SearchDir.of(storage, warm_start) if warm_start else None)
+                       shared_fs=shared_fs,
+                       warm_start=SearchDir.of(storage, warm_start).pull() if warm_start else None)
 
 
 @dataclass(frozen=True)
@@ -267,14 +266,20 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
                 num_samples: int | None = None, max_concurrent: int | None = None,
                 verbose: int = 1, live: bool = False, say=None,
                 parent_run: ParentRun = ParentRun(),
-                warm_start: SearchDir | None = None) -> SearchOutcome:
+                warm_start: SearchDir | None = None, shared_fs: bool = False) -> SearchOutcome:
     """:func:`run_search` on a parsed space, in the folder ``sdir``; ``warm_start``:
     the folder of the search a new one starts from."""
     say = say or (lambda line: None)
     if not verbose:
         quiet_libraries()
-    # Pre-flight, writing nothing: the folder is not another search's, no
-    # driver runs it, every image decodes, and the tracking store answers.
+    if cluster.address_of(address):  # nothing listens there: one line in seconds, not minutes
+        cluster.probe(cluster.address_of(address))
+    # Pre-flight, writing nothing: the storage answers, the folder is not
+    # another search's, no driver runs it, every image decodes, and the
+    # tracking store answers.
+    if sdir.remote is not None:
+        sdir.remote.check_bucket()
+        sdir.pull()
     saved = check_search_dir(spec, sdir, resume=resume)
     budget = resolve_budget(spec, saved, num_samples=num_samples, max_concurrent=max_concurrent)
     spec.search.num_samples, spec.search.max_concurrent = budget.num_samples, budget.max_concurrent
@@ -292,17 +297,29 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
         from stain_search.warm_start import plan_warm_start
 
         warm = plan_warm_start(spec, warm_start, limit=budget.num_samples, tracking_uri=uri)
-    client = tracking.client(uri)  # an unreachable store fails here, before anything is written
+    requested_port()  # a bad STAIN_SEARCH_STUDY_PORT: one line, here, nothing written
+    # The cluster, still writing nothing: one that can never hold a trial is one
+    # line, not a search that hangs; `fits` trials run at once (stain_search.cluster).
+    started = init_ray(address, verbose=verbose) if cluster.address_of(address) else False
     try:
+        fits = cluster.capacity(spec, say=say)
+        if ray.is_initialized():
+            check_shared_storage(sdir, shared_fs=shared_fs)
+        client = tracking.client(uri)  # an unreachable store fails here, before anything is written
+        if sdir.remote is not None:
+            sdir.remote.check_writable()  # refused credentials: here, with nothing written
         with DriverLock(sdir.lock_file, sdir.driver_file, name=spec.name):
             return _drive(spec, sdir, saved, budget, base_config, client, uri,
                           address=address, verbose=verbose, live=live, say=say,
-                          parent_run=parent_run, warm=warm)
+                          parent_run=parent_run, warm=warm, fits=fits)
     except OSError as err:
         if is_storage_error(err):
             raise StorageFull(f"search {spec.name!r}: {storage_error_message(err)} "
                               f"(`{parent_run.continued_by(spec.name)}`)") from None
         raise
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
@@ -316,13 +333,14 @@ def _record(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None,
 
 def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget: Budget,
            base_config: Config, client, uri: str, *, address: str | None,
-           verbose: int, live: bool, say, parent_run: ParentRun, warm=None) -> SearchOutcome:
-    import ray
+           verbose: int, live: bool, say, parent_run: ParentRun, warm=None,
+           fits: int | None = None) -> SearchOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from stain_search.study import (StudySearcher, create_study, fail_stale_trials,
-                                    finished_count, unfinished_numbers)
+                                    finished_count, serve_study, unfinished_numbers)
+    from stain_search.study_proxy import driver_host
     from stain_search.trainables.cyclegan import cyclegan_trial
 
     record = _record(spec, sdir, saved, budget, warm)
@@ -330,25 +348,20 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     parent = tracking.start_search_run(
         client, experiment_id, search=spec.name, search_id=record.search_id,
         objective=[asdict(o) for o in spec.objectives], study=sdir.study_journal,
-        search_dir=sdir.root, artifacts=[sdir.space_file, sdir.record_file],
+        search_dir=sdir.where, artifacts=[sdir.space_file, sdir.record_file],
         nested_in=parent_run.nested_in, run_name=parent_run.run_name, extra_tags=parent_run.tags)
     tracking.log_params(client, parent, {"space": str(spec.path), "git_commit": git_commit(),
                                          "num_samples": budget.num_samples,
                                          "algorithm": spec.search.algorithm,
                                          **({tracking.WARM_START: warm.source} if warm else {})}
                         if saved is None else {})
-    ctx = TrialContext(search=spec.name, search_id=record.search_id, search_dir=sdir,
-                       tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
-                       base_config=base_config, objectives=tuple(spec.objectives),
-                       resources=spec.resources,
-                       pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
     study = create_study(spec, sdir.study_journal, warm=warm.points if warm else ())
     unfinished = unfinished_numbers(study)  # interrupted: continued first
     new = max(0, budget.num_samples - finished_count(study) - len(unfinished))
     stopper = Stopper()
     t0 = time.perf_counter()
     say(f"search {describe(spec)}")
-    say(f"  {sdir.root}: " + (f"resumed, {len(unfinished)} interrupted trial(s) continue, "
+    say(f"  {sdir.where}: " + (f"resumed, {len(unfinished)} interrupted trial(s) continue, "
                               f"{new} new" if saved is not None else f"{new} trial(s)"))
     for line in warm.lines() if warm else ():
         say(line)
@@ -375,6 +388,13 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                                  stopping=lambda: stopper.stopping, on_result=on_result,
                                  told=lambda number: deploy_values(sdir, spec, number),
                                  constrained=constrained if spec.constraints else None)
+        # The study, served to the trials on every node while Tune runs (below).
+        server = serve_study(sdir.study_journal, name=spec.name, host=driver_host(private=started))
+        ctx = TrialContext(search=spec.name, search_id=record.search_id, search_dir=sdir,
+                           tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
+                           base_config=base_config, objectives=tuple(spec.objectives),
+                           resources=spec.resources, study=server.access,
+                           pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
         trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
                                         trial_resources(spec.resources))
         first = spec.objectives[0]
@@ -392,7 +412,8 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=budget.max_concurrent),
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=min(
+                    budget.max_concurrent, fits or budget.max_concurrent)),
                 num_samples=len(unfinished) + new, metric=first.metric, mode=first.mode,
                 # in_trial: the next trial runs in the finished trial's process
                 # (torch, CUDA context and data already loaded): ~5.7 s less per
@@ -400,7 +421,7 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                 reuse_actors=in_trial,
                 trial_name_creator=tune_trial_name, trial_dirname_creator=tune_trial_name),
             run_config=tune.RunConfig(
-                name=next_tune_run(sdir), storage_path=str(sdir.tune),
+                name=next_tune_run(sdir), storage_path=sdir.tune_location,
                 callbacks=callbacks,
                 # in_trial: Tune restarts a lost trial (from its folder's
                 # checkpoint); ray_train: Ray Train restarts lost workers.
@@ -409,7 +430,7 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                     fail_fast=False),
                 verbose=verbose))
         try:
-            with stopper:
+            with stopper, JournalSync(sdir), server:
                 if not stopper.stopping:
                     tuner.fit()
         except BaseException:
@@ -432,9 +453,11 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     # Every Tune trial ended normally: what is still RUNNING can never finish.
     fail_stale_trials(study, keep_numbers=set())
     tracking.fail_orphans(client, experiment_id, search=spec.name, search_id=record.search_id)
-    selection = deploy_selection(sdir, uri)
+    selection = deploy_selection(sdir.pull(), uri)
     summary = summary_record(selection, elapsed)
-    sdir.summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    if summary["deploy"] is not None:  # where the checkpoint is kept, not its mirror
+        summary["deploy"]["checkpoint"] = sdir.location_of(Path(summary["deploy"]["checkpoint"]))
+    sdir.write_summary(summary)
     tracking.end_search_run(client, parent, summary=summary)
     return SearchOutcome(spec=spec, search_dir=sdir, record=record, tracking_uri=uri,
                          selection=selection, elapsed_s=elapsed)
@@ -449,7 +472,7 @@ def deploy_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float]
     from stain_search.deploy.select import trial_best
 
     objectives = [(o.metric, o.mode) for o in spec.objectives]
-    best = trial_best(sdir.trial(number), objectives)
+    best = trial_best(pull_trial(sdir, number), objectives)
     return None if best is None else best.values(objectives)
 
 
@@ -458,7 +481,7 @@ def constraint_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[fl
     (Optuna's convention: ≤ 0 where one holds); None without a checkpoint."""
     from stain_search.deploy.select import trial_best
 
-    best = trial_best(sdir.trial(number), [(o.metric, o.mode) for o in spec.objectives])
+    best = trial_best(pull_trial(sdir, number), [(o.metric, o.mode) for o in spec.objectives])
     return None if best is None else [c.violation(best.metrics) for c in spec.constraints]
 
 

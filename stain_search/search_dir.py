@@ -34,6 +34,13 @@ identity: it only changes the first suggestions.
 
 Every reader (``stain-search best``, ``export``, ``report``, ``status``,
 ``resume``) goes through :class:`SearchDir`; nothing else knows these names.
+
+With a URI ``--storage`` (``s3://bucket/runs``) the folder is
+``s3://bucket/runs/<name>/``, laid out the same, and :class:`SearchDir`'s paths
+are its local mirror: :meth:`SearchDir.pull` brings it up to date before a
+command reads it, and the driver's writes go to the store as they happen
+(``stain_search.mirror``). A trial's checkpoints are written on its own node
+and uploaded there; ``driver.json``/``driver.lock`` stay on the driver's machine.
 """
 
 from __future__ import annotations
@@ -48,10 +55,19 @@ from typing import Any
 
 from stain_search.atomic import atomic_write_text
 from stain_search.errors import ConfigError
+from stain_search.storage import Remote, is_uri, local_path, mirror_of
 from stain_search.constraints import Constraint
 from stain_search.spaces import Objective, Param, SearchSpec
 
 DEFAULT_STORAGE = "stain-search-runs"
+STORAGE_ENV = "STAIN_SEARCH_STORAGE"  # every command's --storage when it is not given
+
+
+def storage_or_default(storage: str | Path | None) -> str | Path:
+    """--storage, else $STAIN_SEARCH_STORAGE, else ./stain-search-runs."""
+    import os
+
+    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 RECORD_FORMAT = "stain-search-search/2"
 TRIAL_PREFIX = "trial_"
 
@@ -167,14 +183,64 @@ class SearchDir:
     """The folder of one search. Paths only: creating it is the driver's job."""
 
     root: Path
+    remote: Remote | None = None  # a URI storage's folder; ``root`` is then its mirror
 
     @classmethod
     def of(cls, storage: str | Path | None, name: str) -> "SearchDir":
-        return cls((Path(storage or DEFAULT_STORAGE) / name).resolve())
+        storage = storage_or_default(storage)
+        if is_uri(storage):
+            remote = Remote(str(storage)).join(name)
+            return cls(mirror_of(remote.uri), remote)
+        return cls((local_path(storage) / name).resolve())
 
     @property
     def name(self) -> str:
         return self.root.name
+
+    @property
+    def where(self) -> str:
+        """The folder as a user names it: its URI, or its path."""
+        return self.remote.uri if self.remote is not None else str(self.root)
+
+    def pull(self) -> "SearchDir":
+        """Bring a URI storage's mirror up to date (a local folder: nothing to do)."""
+        from stain_search import mirror
+
+        mirror.pull(self)
+        return self
+
+    def push(self, *paths: Path) -> None:
+        """Send these files of the folder to a URI storage (a local one: nothing)."""
+        from stain_search import mirror
+
+        mirror.push(self, *paths)
+
+    def trial_location(self, number: int) -> str:
+        """Where trial ``number``'s checkpoints are kept, as a user names it."""
+        if self.remote is not None:
+            return self.remote.join("trials", trial_name(number)).uri
+        return str(self.trial(number))
+
+    def location_of(self, path: Path) -> str:
+        """A path in the folder, as a user names it (its URI in a URI storage)."""
+        if self.remote is None:
+            return str(path)
+        return self.remote.join(Path(path).relative_to(self.root).as_posix()).uri
+
+    def trial_remote(self, number: int) -> Remote | None:
+        return self.remote.join("trials", trial_name(number)) if self.remote else None
+
+    @property
+    def tune_location(self) -> str:
+        """Ray Tune's and Train's ``storage_path``: in the store when there is one."""
+        return self.remote.join("tune").uri if self.remote is not None else str(self.tune)
+
+    def tune_runs(self) -> int:
+        """How many driver runs have had a Tune experiment folder."""
+        if self.remote is not None:
+            return sum(1 for rel, is_dir in self.remote.list("tune")
+                       if is_dir and rel.split("/")[-1].startswith("run-"))
+        return len([p for p in self.tune.glob("run-*") if p.is_dir()]) if self.tune.is_dir() else 0
 
     @property
     def space_file(self) -> Path:
@@ -215,7 +281,7 @@ class SearchDir:
     def confirmation(self) -> "SearchDir":
         """``confirm/``: `stain-search confirm`'s runs, a search folder of its own
         (its record, study and trials) inside the search it confirms."""
-        return SearchDir(self.root / "confirm")
+        return SearchDir(self.root / "confirm", self.remote.join("confirm") if self.remote else None)
 
     @property
     def exports(self) -> Path:
@@ -232,7 +298,7 @@ class SearchDir:
         """The search's record; a missing or unreadable one is one clear line."""
         if not self.record_file.is_file():
             raise ConfigError(
-                f"{self.root}: no search named {self.name!r} (no search.json); pass the "
+                f"{self.where}: no search named {self.name!r} (no search.json); pass the "
                 f"--storage the search ran with (default ./{DEFAULT_STORAGE}), or "
                 f"`stain-search status` to list the searches there")
         try:
@@ -252,11 +318,17 @@ class SearchDir:
             record = dataclasses.replace(record, budget=budget)
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(spec.path, self.space_file)
+        self.push(self.space_file)
         self.write_record(record)
         return record
 
     def write_record(self, record: SearchRecord) -> None:
         atomic_write_text(self.record_file, json.dumps(record.to_json(), indent=2, default=str))
+        self.push(self.record_file)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.summary_file, json.dumps(summary, indent=2, default=str))
+        self.push(self.summary_file)
 
     def read_summary(self) -> dict[str, Any] | None:
         if not self.summary_file.is_file():
@@ -269,7 +341,13 @@ class SearchDir:
 
 def list_searches(storage: str | Path | None) -> list[SearchDir]:
     """Every search folder under ``storage`` (those with a search.json)."""
-    root = Path(storage or DEFAULT_STORAGE).resolve()
+    storage = storage_or_default(storage)
+    if is_uri(storage):
+        base = Remote(str(storage))
+        names = sorted(rel.split("/")[0] for rel, is_dir in base.list(recursive=True)
+                       if not is_dir and rel.count("/") == 1 and rel.endswith("/search.json"))
+        return [SearchDir.of(storage, n) for n in names]
+    root = local_path(storage).resolve()
     if not root.is_dir():
         return []
     return [SearchDir(p) for p in sorted(root.iterdir()) if (p / "search.json").is_file()]

@@ -44,7 +44,7 @@ if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
     SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 
 TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "constraints", "search",
-            "resources", "profiles")  # profiles: scales of one space (stain_search.profiles)
+            "resources", "profiles", "storage")  # profiles: scales of one space (stain_search.profiles)
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 ALGORITHMS = ("tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "successive_halving")
@@ -132,6 +132,7 @@ class SearchSpec:
     profiles: tuple[str, ...] = ()  # every profile the space file defines
     # What a deployable checkpoint must meet (`constraints:`); the sampler is told.
     constraints: tuple[Constraint, ...] = ()
+    storage: str | None = None  # `storage:` run's default --storage: a folder or s3://…
 
     @property
     def multi_objective(self) -> bool:
@@ -305,6 +306,12 @@ def _parse_step(step: Any, dist: str, low: float, high: float, *, path: Path,
     return step
 
 
+def _storage(value: Any, *, path: Path) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value and value.strip()
+    raise _err(path, "storage", f"{value!r}: give a folder or a URI such as s3://bucket/runs")
+
+
 def parse_space(raw: Any, *, path: Path, data: str | None = None,
                 check_objective: bool = True, profile: str | None = None,
                 gpus: int | None = None) -> SearchSpec:
@@ -381,7 +388,8 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
     _check_enqueue(search, params, path=path)
     spec = SearchSpec(name=name, description=str(raw.get("description") or ""), path=path.resolve(),
                       base=base, params=params, objectives=objectives, search=search,
-                      resources=resources, constraints=constraints)
+                      resources=resources, constraints=constraints,
+                      storage=_storage(raw.get("storage"), path=path))
     _check_extremes(spec)
     return spec
 

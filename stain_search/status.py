@@ -65,7 +65,7 @@ def search_status(name: str, *, storage: str | Path | None = None,
     from stain_search.deploy.select import select_dir
     from stain_search.study import open_study
 
-    sdir = SearchDir.of(storage, name)
+    sdir = SearchDir.of(storage, name).pull()
     record = sdir.read_record()
     counts = {s: 0 for s in STATES}
     running: list[RunningTrial] = []
@@ -135,7 +135,11 @@ def format_status(s: SearchStatus) -> str:
 
 def format_listing(rows: list[SearchStatus], *, storage: str | Path | None) -> str:
     if not rows:
-        return (f"no searches in {Path(storage or 'stain-search-runs').resolve()} "
+        from stain_search.search_dir import storage_or_default
+        from stain_search.storage import is_uri
+
+        where = storage_or_default(storage)
+        return (f"no searches in {where if is_uri(where) else Path(where).resolve()} "
                 f"(pass --storage, or start one: stain-search run spaces/lambda.yaml)")
     out = []
     for s in rows:

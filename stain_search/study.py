@@ -9,6 +9,22 @@ study.journal`` opens it), early stopping is Optuna pruning decided from
 that same study by the trial's rank-0 worker, and a pruned trial is told to
 the study as PRUNED, never as a complete result.
 
+The journal is the driver's: only the driver opens it. A trial, on whichever
+Ray node it runs, reaches the study through Optuna's gRPC storage proxy,
+which the driver serves the journal with while Tune runs
+(``stain_search.study_proxy``: bound to the driver's Ray node address, a free
+port or ``STAIN_SEARCH_STUDY_PORT``, every call with a deadline); what it
+needs to connect, :class:`~stain_search.context.StudyAccess`, travels in the
+trial's context. Why this and not the alternatives Optuna offers: a shared
+journal file needs a filesystem every node mounts, which object-storage
+clusters lack; an RDB storage needs a database server the user must run
+beside the cluster (and would remain an option for one who has it); deciding
+pruning in the driver's Tune scheduler would give up Optuna's pruners and
+the per-epoch learning curves in the study. The proxy keeps one journal,
+written by one process, with Optuna's own pruners deciding, and needs only
+the port the driver already listens on. The search's folder (and its
+storage) keeps the journal file as before; ``resume`` reopens it.
+
 The study is the search's one record of its trials: a resumed search
 continues every trial the study still holds as RUNNING (interrupted: its
 folder has its checkpoints) before it asks for new ones, and tops the study
@@ -38,7 +54,7 @@ from typing import Any, Callable
 import optuna
 from ray.tune.search import Searcher
 
-from stain_search.context import Pruning
+from stain_search.context import Pruning, StudyAccess
 from stain_search.spaces import Param, SearchSpec
 
 log = logging.getLogger(__name__)
@@ -156,6 +172,14 @@ def create_study(spec: SearchSpec, path: Path, *, warm: list[WarmPoint] = ()) ->
     return study
 
 
+def serve_study(path: Path, *, name: str, host: str):
+    """The driver's study (its journal), served to the trials on every node
+    while the returned server's ``with`` block runs (``stain_search.study_proxy``)."""
+    from stain_search.study_proxy import StudyServer
+
+    return StudyServer(storage(path), name=name, host=host)
+
+
 def open_study(name: str, path: Path, *, pruning: Pruning | None = None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage(path),
                              pruner=make_pruner(pruning) if pruning else None)
@@ -212,37 +236,49 @@ def suggest(trial, params: list[Param]) -> dict[str, Any]:
 
 
 class TrialPruning:
-    """Used by a trial's rank-0 worker: report an epoch, ask whether to stop."""
+    """Used by a trial's rank-0 worker: report an epoch, ask whether to stop.
+    The study is reached through the proxy the driver serves it with
+    (``access``; ``stain_search.study_proxy``), from whichever node the trial
+    runs on; a driver that is gone raises ``StudyUnreachable`` within a bounded
+    time."""
 
-    def __init__(self, name: str, path: Path, trial_id: int, pruning: Pruning):
+    def __init__(self, access: StudyAccess, trial_id: int, pruning: Pruning):
+        from stain_search.study_proxy import connect, reaching
+
         self.pruning = pruning
         self.metric = pruning.metric
-        self.study = open_study(name, path, pruning=pruning)
+        self.reaching = lambda: reaching(access)
+        with self.reaching():
+            self.study = optuna.load_study(study_name=access.name, storage=connect(access),
+                                           pruner=make_pruner(pruning))
+            self.trial = optuna.trial.Trial(self.study, trial_id)
         self.trial_id = trial_id
-        self.trial = optuna.trial.Trial(self.study, trial_id)
 
     def record(self, metrics: dict[str, Any], *, epoch: int) -> None:
         """Give the study an epoch it may have missed (a trial restarted from
         that epoch's checkpoint, killed before it reported), without asking."""
         if self.metric not in metrics:
             return
-        if epoch in self.study._storage.get_trial(self.trial_id).intermediate_values:
-            return
-        self.study._storage.set_trial_intermediate_value(self.trial_id, epoch,
-                                                         float(metrics[self.metric]))
+        with self.reaching():
+            if epoch in self.study._storage.get_trial(self.trial_id).intermediate_values:
+                return
+            self.study._storage.set_trial_intermediate_value(self.trial_id, epoch,
+                                                             float(metrics[self.metric]))
 
     def should_prune(self, metrics: dict[str, Any], *, epoch: int) -> bool:
         if self.metric not in metrics:
             return False
         value = float(metrics[self.metric])
-        if not self.pruning.multi_objective:
-            self.trial.report(value, step=epoch)
-            return self.trial.should_prune()
-        # Trial.report refuses multi-objective studies; the storage keeps the
-        # curve all the same (optuna-dashboard shows it), and the rule is ours.
-        self.study._storage.set_trial_intermediate_value(self.trial_id, epoch, value)
-        return (self.pruning.pruner == "median"
-                and median_prunes(self.study, self.trial_id, pruning=self.pruning, step=epoch))
+        with self.reaching():
+            if not self.pruning.multi_objective:
+                self.trial.report(value, step=epoch)
+                return self.trial.should_prune()
+            # Trial.report refuses multi-objective studies; the storage keeps the
+            # curve all the same (optuna-dashboard shows it), and the rule is ours.
+            self.study._storage.set_trial_intermediate_value(self.trial_id, epoch, value)
+            return (self.pruning.pruner == "median"
+                    and median_prunes(self.study, self.trial_id, pruning=self.pruning,
+                                      step=epoch))
 
 
 class StudySearcher(Searcher):

@@ -70,6 +70,8 @@ FEASIBLE, CONSTRAINT_VALUES = "stain_search.feasible", "stain_search.constraints
 # `run --warm-start OTHER`: on the parent run (param) and on each seeded trial (tag,
 # from its study user attribute): the search and trial its point came from.
 WARM_START = "stain_search.warm_start"
+# The Ray node id rank 0 of a trial runs on (its latest start): where a cluster put it.
+NODE = "stain_search.node"
 STATUSES = ("running", "finished", "pruned", "failed")
 
 
@@ -106,10 +108,24 @@ def client(uri: str):
             c.search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means "unreachable"
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if uri.startswith(("http://", "https://")) and (why := _no_answer(first)):
+            raise TrackingError(f"MLflow tracking server {uri} does not answer ({why}): start "
+                                f"it (`mlflow server --host HOST --port PORT`) or pass the "
+                                f"--tracking-uri of a running one") from None
         raise TrackingError(f"MLflow tracking store {uri!r} cannot be used: {first[:300]}. "
                             f"Check --tracking-uri (a server must be running; "
                             f"a sqlite:/// path must be writable).") from None
     return c
+
+
+def _no_answer(error: str) -> str | None:
+    """Why a server did not answer, in a word (None: it answered, with an error)."""
+    for needle, why in (("refused", "connection refused"), ("NewConnectionError", "no connection"),
+                        ("timed out", "timed out"), ("Timeout", "timed out"),
+                        ("NameResolution", "unknown host"), ("Name or service", "unknown host")):
+        if needle in error:
+            return why
+    return None
 
 
 @contextlib.contextmanager
@@ -243,6 +259,11 @@ def note_restart(c, run_id: str, *, epoch: int) -> None:
     c.set_tag(run_id, RESUMED_FROM, str(epoch))
 
 
+def note_node(c, run_id: str, node_id: str) -> None:
+    """The Ray node rank 0 of the trial runs on (re-set when the trial restarts)."""
+    c.set_tag(run_id, NODE, node_id)
+
+
 def note_diverged(c, run_id: str, error: str) -> None:
     """Set by the worker whose loss became NaN/inf; the trial's driver reads
     it back (Ray Train keeps only results that carry a checkpoint)."""
@@ -258,7 +279,12 @@ def log_image(c, run_id: str, image: np.ndarray, artifact_file: str) -> None:
 
 
 def log_checkpoint(c, run_id: str, folder: Path, *, artifact_path: str = "best") -> None:
-    c.log_artifacts(run_id, str(folder), artifact_path=f"{artifact_path}/{folder.name}")
+    """The checkpoint's weights and meta.json (fetched first from a URI storage)."""
+    from stain_search.checkpoint import META_FILE, state_file
+
+    dest = f"{artifact_path}/{Path(folder).name}"
+    c.log_artifact(run_id, str(state_file(folder)), artifact_path=dest)
+    c.log_artifact(run_id, str(Path(folder) / META_FILE), artifact_path=dest)
 
 
 def end_trial_run(c, run_id: str, *, status: str, error: str | None = None) -> None:

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+# The cluster tests' real services (a two-node Ray, an S3 store): registered
+# here, once, so every test module shares one of each per session (a module
+# that imported them itself would start its own).
+from cluster_services import ray_cluster, s3_server  # noqa: F401
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -26,6 +26,7 @@ import tifffile
 import yaml
 from PIL import Image
 
+from cluster_services import free_port
 from conftest import TINY_BASE
 from stain_search import cli
 from stain_search.data import read_image
@@ -394,6 +395,19 @@ ROWS = [
     # --- the tracking store
     Row("tracking-unreachable", lambda e: e.run(valid_space(e.data), uri="http://127.0.0.1:9"),
         ("127.0.0.1:9",)),
+    # --- the Ray cluster (tests/cluster_services.py: a port nothing listens on)
+    Row("address-unreachable", lambda e: e.run(valid_space(e.data), "--address",
+                                               f"127.0.0.1:{free_port()}"),
+        ("--address 127.0.0.1:", "no Ray cluster", "ray start")),
+    Row("address-ray-client", lambda e: e.run(valid_space(e.data), "--address",
+                                              "ray://127.0.0.1:10001"),
+        ("--address ray://127.0.0.1:10001", "Ray Client", "--address auto", "ray job submit")),
+    Row("storage-credentials-in-uri", lambda e: e.run(valid_space(e.data), "--storage",
+                                                      "s3://AKIAX:secret@bucket/runs"),
+        ("credentials in the URI", "AWS_ACCESS_KEY_ID")),
+    Row("resources-never-fit", lambda e: e.run({**valid_space(e.data), "resources": {
+        "workers_per_trial": 2, "cpus_per_worker": 4096}}),
+        ("resources", "2 workers × 4096 CPU", "this machine", "cpus_per_worker")),
     Row("tracking-sqlite-unwritable", lambda e: (e.tmp / "afile").write_text("x") and e.run(
         valid_space(e.data), uri=f"sqlite:///{e.tmp / 'afile' / 'mlflow.db'}"), ("afile",)),
     # --- an existing search
@@ -424,7 +438,8 @@ ROWS = [
     Row("train-data-missing", lambda e: e.train(valid_train_config(), data=e.tmp / "gone"), ("gone",)),
 ]
 
-SUBPROCESS_ROWS = ("yaml-malformed", "image-truncated", "tracking-unreachable")
+SUBPROCESS_ROWS = ("yaml-malformed", "image-truncated", "tracking-unreachable",
+                   "address-unreachable")
 
 
 @pytest.fixture
@@ -527,3 +542,13 @@ def test_convertible_images_are_accepted(mode, tmp_path):
     image = read_image(target)
     assert image.shape == (40, 40, 3) and image.dtype == np.uint8
     verify_dataset(str(data), "auto", 32)
+
+
+def test_a_bad_study_port_is_one_line_before_anything_is_written(env, guard, monkeypatch, capsys):
+    monkeypatch.setenv("STAIN_SEARCH_STUDY_PORT", "99999")
+    argv = [str(a) for a in env.run(valid_space(env.data))]
+    before = snapshot(env.tmp / "runs")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "STAIN_SEARCH_STUDY_PORT='99999'" in err[-1] and "1-65535" in err[-1], err
+    assert snapshot(env.tmp / "runs") == before

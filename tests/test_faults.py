@@ -64,7 +64,7 @@ def fault_search(tmp_path_factory) -> FaultSearch:
               "  optim.lr_d: {distribution: loguniform, low: 1.0e-5, high: 1.0e+6}\n",
         search_extra=f", enqueue: [{enqueue}]",
         # Ray Train's executor: its worker is what gets killed. 4 trials ×
-        # (0.45 worker + 0.01 trial driver) CPUs fit the 2 CI cores at once.
+        # 0.45-CPU workers (their trial drivers hold no CPU) fit the 2 CI cores at once.
         resources="{workers_per_trial: 1, cpus_per_worker: 0.45, executor: ray_train}")
     space = root / "faults.yaml"
     space.write_text(text)

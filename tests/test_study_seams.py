@@ -18,7 +18,7 @@ from stain_search.lock import DriverLock, SearchRunning, is_locked, read_driver
 from stain_search.search import check_search_dir, resolve_budget
 from stain_search.search_dir import SearchDir, SearchRecord, identity_of
 from stain_search.spaces import Objective, load_space
-from stain_search.study import TrialPruning, create_study, median_prunes
+from stain_search.study import TrialPruning, create_study, median_prunes, serve_study
 
 ROOT = Path(__file__).resolve().parents[1]
 PARETO = [Objective("fd_random", "min"), Objective("ssim_structure", "max")]
@@ -49,11 +49,13 @@ def test_pareto_median_rule_prunes_the_worse_half_and_the_study_says_pruned(tmp_
             study._storage.set_trial_intermediate_value(t._trial_id, epoch, value)
         study.tell(t, [1.0, value])
     good, bad = study.ask(), study.ask()
-    p_good = TrialPruning(spec.name, journal, good._trial_id, pruning)
-    p_bad = TrialPruning(spec.name, journal, bad._trial_id, pruning)
-    assert not p_bad.should_prune({"ssim_structure": 0.1}, epoch=1)  # grace period
-    assert p_bad.should_prune({"ssim_structure": 0.2}, epoch=2)  # below the median 0.7
-    assert not p_good.should_prune({"ssim_structure": 0.75}, epoch=2)
+    # The trials reach the study as on a cluster: through the driver's proxy.
+    with serve_study(journal, name=spec.name, host="127.0.0.1") as access:
+        p_good = TrialPruning(access, good._trial_id, pruning)
+        p_bad = TrialPruning(access, bad._trial_id, pruning)
+        assert not p_bad.should_prune({"ssim_structure": 0.1}, epoch=1)  # grace period
+        assert p_bad.should_prune({"ssim_structure": 0.2}, epoch=2)  # below the median 0.7
+        assert not p_good.should_prune({"ssim_structure": 0.75}, epoch=2)
     assert study._storage.get_trial(bad._trial_id).intermediate_values == {1: 0.1, 2: 0.2}
 
 

@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from stain_search import tracking
+from stain_search.cluster import unplaced_message, worker_group_retries
 from stain_search.checkpoint import (CheckpointError, best_checkpoint_in, latest_checkpoint,
                                      prune_checkpoints, read_checkpoint, read_meta)
 from stain_search.config import apply_overrides
@@ -44,6 +45,7 @@ from stain_search.context import TrialContext, WorkerContext
 from stain_search.distributed import world
 from stain_search.errors import TrainingDiverged
 from stain_search.evaluate import COUNT_KEYS
+from stain_search.mirror import pull_trial_scratch, push_checkpoint
 from stain_search.search_dir import trial_name
 from stain_search.stopping import is_storage_error, storage_error_message
 from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TAGS, TrialPruning
@@ -64,13 +66,15 @@ class TrialReporter:
         self.last: dict[str, Any] = {}
         ctx = wctx.trial
         self.client = tracking.client(ctx.tracking_uri) if self.rank == 0 else None
+        if self.client is not None:  # where the cluster put the trial (its rank 0)
+            tracking.note_node(self.client, wctx.run_id, ray.get_runtime_context().get_node_id())
         # A restarted trial re-runs from its last checkpoint: epochs MLflow
         # already holds are not logged twice (an exact resume repeats them).
         self.logged = (tracking.last_logged_epoch(self.client, wctx.run_id)
                        if self.client is not None else 0)
         # Every epoch goes to the study (its learning curve), pruner or not.
-        self.pruning = (TrialPruning(ctx.search, ctx.search_dir.study_journal,
-                                     wctx.study_trial_id, ctx.pruning)
+        # The study is the driver's, served over gRPC: reached from any node.
+        self.pruning = (TrialPruning(ctx.study, wctx.study_trial_id, ctx.pruning)
                         if self.rank == 0 else None)
         # run_training writes rank 0's checkpoints here directly (written once).
         self.checkpoint_root = wctx.trial_dir if self.rank == 0 else None
@@ -101,8 +105,11 @@ class TrialReporter:
         self.last = metrics
         if checkpoint is not None:  # kept in the trial folder: the best k + the newest
             first = self.wctx.trial.first_objective
-            prune_checkpoints(self.wctx.trial_dir, keep=KEEP_CHECKPOINTS,
-                              metric=first.metric, mode=first.mode)
+            keep = dict(keep=KEEP_CHECKPOINTS, metric=first.metric, mode=first.mode)
+            if self.wctx.trial_remote is not None:  # in the store before Tune hears of it
+                push_checkpoint(self.wctx.trial_remote, self.wctx.trial_dir, checkpoint, **keep)
+            else:
+                prune_checkpoints(self.wctx.trial_dir, **keep)
         if self.in_trial:
             ray.tune.report(metrics)
         else:
@@ -162,7 +169,14 @@ def run_worker(wctx: WorkerContext, reporter: TrialReporter, *,
     config = wctx.config
     objectives = wctx.trial.objectives
     try:
-        resume = newest_checkpoint(wctx.trial_dir)
+        folder = wctx.trial_dir
+        if wctx.trial_remote is not None:  # it may have run elsewhere: from the store
+            # Every rank resumes from the same checkpoint, each from its own copy
+            # (ranks other than 0 only read it; two ranks may share a node).
+            if reporter.rank > 0:
+                folder = folder.with_name(f"{folder.name}.rank{reporter.rank}")
+            pull_trial_scratch(wctx.trial_remote, folder)
+        resume = newest_checkpoint(folder)
         if resume is not None and reporter.client is not None:  # a restarted trial
             tracking.note_restart(reporter.client, wctx.run_id, epoch=read_meta(resume)["epoch"])
         meta = read_meta(resume) if resume is not None else None
@@ -220,7 +234,7 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
     run_id = tracking.start_trial_run(
         client, ctx.experiment_id, parent_run_id=ctx.parent_run_id, search=ctx.search,
         search_id=ctx.search_id, trial=name, optuna_trial=number, params=config.flat(),
-        searched=params.keys(), checkpoints=ctx.search_dir.trial(number),
+        searched=params.keys(), checkpoints=ctx.search_dir.trial_location(number),
         tune_trial_id=ray.tune.get_context().get_trial_id(),
         run_name=tracking.trial_run_name(number, params), extra_tags=tune_config.get(TAGS))
     wctx = WorkerContext(trial=ctx, config=config, trial_name=name, number=number,
@@ -240,6 +254,8 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
             status, error = "failed", diverged or str(final.get("error"))
         elif final.get("pruned"):
             status = "pruned"
+        if wctx.trial_remote is not None:  # ray_train: rank 0 may have run on another node
+            pull_trial_scratch(wctx.trial_remote, wctx.trial_dir)
         best = best_checkpoint_in(wctx.trial_dir, metric=first.metric, mode=first.mode)
         if best is not None:  # the one a user would deploy, beside the run's metrics
             tracking.log_checkpoint(client, run_id, best)
@@ -269,8 +285,16 @@ def ray_train_fit(wctx: WorkerContext):
             resources_per_worker={"CPU": resources.cpus_per_worker,
                                   **({"GPU": resources.gpus_per_worker} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=wctx.trial_name, storage_path=str(wctx.trial.search_dir.tune / "train"),
+            name=wctx.trial_name, storage_path=f"{wctx.trial.search_dir.tune_location}/train",
             callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=resources.max_failures)),
+            # A worker group Ray cannot place is retried for a bounded time
+            # (stain_search.cluster), not forever.
+            failure_config=FailureConfig(max_failures=resources.max_failures,
+                                         controller_failure_limit=worker_group_retries())),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as err:
+        if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        raise RuntimeError(f"{wctx.trial_name}: {unplaced_message(resources)}") from None

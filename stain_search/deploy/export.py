@@ -432,7 +432,7 @@ def _confirmed_choice(name: str, *, storage, tracking_uri, trial, epoch, constra
     if trial is not None or epoch is not None or constraints:
         raise ConfigError("--confirmed exports the confirmation's choice; --trial, --epoch, "
                           "--min and --max pick a checkpoint themselves: drop one of them")
-    sdir = SearchDir.of(storage, name)
+    sdir = SearchDir.of(storage, name).pull()
     sdir.read_record()  # no such search: one line
     conf = confirmation(sdir, tracking_uri=tracking_uri)
     if conf is None:

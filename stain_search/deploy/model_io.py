@@ -138,7 +138,7 @@ def load_model(ref: str | Path, *, tracking_uri: str | None = None) -> ExportedM
     """An export folder (or its model.json / generator.safetensors), a training
     checkpoint folder, or ``models:/name@alias`` / ``models:/name/version``."""
     from stain_search import registry, tracking
-    from stain_search.checkpoint import META_FILE, STATE_FILE
+    from stain_search.checkpoint import META_FILE, has_state
 
     text = str(ref)
     if text.startswith("models:/"):
@@ -163,7 +163,7 @@ def load_model(ref: str | Path, *, tracking_uri: str | None = None) -> ExportedM
                          f"{INFO_FILE} and {WEIGHTS_FILE}) made by `stain-search export`")
     if (path / INFO_FILE).is_file():
         return read_export(path)
-    if (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
+    if (path / META_FILE).is_file() and has_state(path):
         return read_checkpoint_model(path)
     raise ModelError(f"{path}: not a stain-search model folder (no {INFO_FILE}); export one "
                      f"with `stain-search export NAME`")

@@ -257,7 +257,7 @@ def select(name: str, *, storage: str | Path | None = None, tracking_uri: str | 
            constraints: Iterable[Constraint] = (), space_constraints: bool = True,
            include_failed: bool = False, per_trial: bool = False) -> Selection:
     """Rank the checkpoints of search ``name`` (see the module docstring)."""
-    return select_dir(SearchDir.of(storage, name), tracking_uri=tracking_uri,
+    return select_dir(SearchDir.of(storage, name).pull(), tracking_uri=tracking_uri,
                       constraints=constraints, space_constraints=space_constraints,
                       include_failed=include_failed, per_trial=per_trial)
 
