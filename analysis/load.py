@@ -68,6 +68,7 @@ class Search:
     confirmation: Any = field(default=None, repr=False)
     # the space's `constraints:` (stain_search.constraints.Constraint)
     constraints: tuple = ()
+    remote: Any = None  # stain_search.storage.Remote: a URI storage's folder (search_dir: its mirror)
 
     @property
     def multi_objective(self) -> bool:
@@ -75,7 +76,7 @@ class Search:
 
     @property
     def sdir(self) -> SearchDir:
-        return SearchDir(self.search_dir)
+        return SearchDir(self.search_dir, self.remote)
 
     @property
     def param_keys(self) -> list[str]:
@@ -242,7 +243,7 @@ def load_search(name: str, *, storage: str | Path | None = None,
                   experiment_id=experiment_id, parent_run_id=parent, objectives=objectives,
                   params=params, base=record.base, study=study, frame=frame,
                   confirmation=confirmation(sdir, tracking_uri=uri),
-                  constraints=tuple(record.constraints))
+                  constraints=tuple(record.constraints), remote=sdir.remote)
 
 
 def save_parquet(frame: pd.DataFrame, path: str | Path) -> Path:

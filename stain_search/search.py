@@ -368,7 +368,7 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     if unfinished or new:
         started = init_ray(address, verbose=verbose)
         say(f"logs: trials' output in {ray_log_dir() or 'the Ray cluster'}, Tune's in "
-            f"{sdir.tune}")
+            f"{sdir.tune_location}")
         # Tune saves its experiment state at most every 10 s by default; its
         # state is a few KiB: every second costs nothing.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
@@ -455,8 +455,6 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     tracking.fail_orphans(client, experiment_id, search=spec.name, search_id=record.search_id)
     selection = deploy_selection(sdir.pull(), uri)
     summary = summary_record(selection, elapsed)
-    if summary["deploy"] is not None:  # where the checkpoint is kept, not its mirror
-        summary["deploy"]["checkpoint"] = sdir.location_of(Path(summary["deploy"]["checkpoint"]))
     sdir.write_summary(summary)
     tracking.end_search_run(client, parent, summary=summary)
     return SearchOutcome(spec=spec, search_dir=sdir, record=record, tracking_uri=uri,

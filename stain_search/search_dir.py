@@ -221,12 +221,6 @@ class SearchDir:
             return self.remote.join("trials", trial_name(number)).uri
         return str(self.trial(number))
 
-    def location_of(self, path: Path) -> str:
-        """A path in the folder, as a user names it (its URI in a URI storage)."""
-        if self.remote is None:
-            return str(path)
-        return self.remote.join(Path(path).relative_to(self.root).as_posix()).uri
-
     def trial_remote(self, number: int) -> Remote | None:
         return self.remote.join("trials", trial_name(number)) if self.remote else None
 
@@ -284,12 +278,21 @@ class SearchDir:
         return SearchDir(self.root / "confirm", self.remote.join("confirm") if self.remote else None)
 
     @property
+    def outputs(self) -> Path:
+        """Where commands write what a user opens on this machine (exports, the
+        report): the folder itself; for a URI storage, not its hidden mirror but
+        ``./stain-search-runs/<name>/`` in the working directory."""
+        if self.remote is None:
+            return self.root
+        return (Path.cwd() / DEFAULT_STORAGE / self.name).resolve()
+
+    @property
     def exports(self) -> Path:
-        return self.root / "exports"
+        return self.outputs / "exports"
 
     @property
     def report_file(self) -> Path:
-        return self.root / "report.html"
+        return self.outputs / "report.html"
 
     def exists(self) -> bool:
         return self.record_file.is_file()

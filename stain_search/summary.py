@@ -18,7 +18,7 @@ def summary_record(selection, elapsed_s: float) -> dict[str, Any]:
             "deploy": None if best is None else {
                 "trial": best.trial, "number": best.number, "epoch": best.epoch,
                 "state": best.state, "metrics": best.metrics, "params": best.params,
-                "checkpoint": str(best.checkpoint), "run_id": best.run_id},
+                "checkpoint": selection.where(best), "run_id": best.run_id},
             "front": [{"trial": c.trial, "number": c.number, "epoch": c.epoch}
                       for c in selection.front] if selection.multi_objective else None,
             "elapsed_s": elapsed_s}
@@ -40,7 +40,7 @@ def format_summary(selection, *, tracking_uri: str) -> str:
                        for k, v in best.params.items())
     lines = [f"search {selection.search!r} ({goal}), deploy rule: {selection.rule}",
              f"  deploy: #{best.number} {best.trial} at epoch {best.epoch}: {vals}  [{params}]",
-             f"      checkpoint: {best.checkpoint}",
+             f"      checkpoint: {selection.where(best)}",
              f"      mlflow run: {best.run_id}"]
     if selection.multi_objective:
         lines.append(f"  Pareto front: {len(selection.front)} checkpoint(s) "

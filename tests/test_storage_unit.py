@@ -30,8 +30,6 @@ def test_a_uri_search_dir_is_a_mirror_of_its_folder(tmp_path, monkeypatch):
     assert sdir.trial_location(3) == "s3://bucket/runs/lambda/trials/trial_003"
     assert sdir.tune_location == "s3://bucket/runs/lambda/tune"
     assert sdir.confirmation.remote.uri == "s3://bucket/runs/lambda/confirm"
-    assert sdir.location_of(sdir.trial(3) / "checkpoint_epoch_0002") == \
-        "s3://bucket/runs/lambda/trials/trial_003/checkpoint_epoch_0002"
     assert mirror_of("gs://b/p/q") == tmp_path / "m" / "gs" / "b" / "p" / "q"
     local = SearchDir.of(tmp_path / "runs", "lambda")
     assert local.remote is None and local.where == str(tmp_path / "runs" / "lambda")

@@ -62,6 +62,10 @@ def test_everything_the_search_keeps_is_in_the_bucket(s3_search, s3_server):
         for ckpt in kept:
             assert {f"trials/{trial}/{ckpt}/state.pt", f"trials/{trial}/{ckpt}/meta.json"} <= rel
     assert any(r.startswith("tune/run-1/") for r in rel), sorted(rel)  # Tune's own state
+    # The console names the store, never this machine's mirror of it.
+    assert f"  {storage}/{NAME}: 2 trial(s)" in run.stdout, run.stdout
+    assert f"Tune's in {storage}/{NAME}/tune" in run.stdout, run.stdout
+    assert f"checkpoint: {storage}/{NAME}/trials/trial_00" in run.stdout, run.stdout
     # The driver's mirror holds pointers, never a checkpoint's weights.
     mirror = tmp / "driver" / "mirror"
     assert list(mirror.rglob("meta.json")) and not list(mirror.rglob("state.pt"))
@@ -83,6 +87,10 @@ def test_best_export_status_report_from_a_fresh_machine(s3_search, s3_server, tm
     chosen = json.loads(best.stdout)["candidates"][0]
     assert (chosen["trial"], chosen["epoch"]) == (summary["deploy"]["trial"],
                                                   summary["deploy"]["epoch"]), (chosen, summary)
+    # Both name the checkpoint where it is kept: in the bucket, not in a mirror.
+    where = (f"{storage}/{NAME}/trials/{chosen['trial']}/"
+             f"checkpoint_epoch_{chosen['epoch']:04d}")
+    assert chosen["checkpoint"] == summary["deploy"]["checkpoint"] == where
     out = tmp_path / "laptop" / "model"
     export = _cli(["export", NAME, "--out", str(out), *common], cwd=tmp_path / "laptop", env=env)
     assert export.returncode == 0, export.stderr[-2000:]
@@ -94,9 +102,10 @@ def test_best_export_status_report_from_a_fresh_machine(s3_search, s3_server, tm
     assert status.returncode == 0 and json.loads(status.stdout)["state"] == "finished", status
     listing = _cli(["status", "--json", "--storage", storage], cwd=tmp_path / "laptop", env=env)
     assert [r["name"] for r in json.loads(listing.stdout)] == [NAME], listing.stdout
-    report = _cli(["report", NAME, "--out", str(tmp_path / "r.html"), *common],
-                  cwd=tmp_path / "laptop", env=env)
-    assert report.returncode == 0 and (tmp_path / "r.html").is_file(), report.stderr[-2000:]
+    # What a user opens here is written here (not into the hidden mirror).
+    report = _cli(["report", NAME, *common], cwd=tmp_path / "laptop", env=env)
+    page = tmp_path / "laptop" / "stain-search-runs" / NAME / "report.html"
+    assert report.returncode == 0 and page.is_file(), report.stderr[-2000:]
 
 
 def test_a_missing_bucket_is_one_line_and_writes_nothing(s3_server, tmp_path):

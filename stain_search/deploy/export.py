@@ -398,17 +398,18 @@ def export_search(name: str, *, storage: str | Path | None = None,
             advance(0, description=f"export: {what}")
 
         if confirmed:
-            chosen, search_dir, objectives = _confirmed_choice(
+            chosen, _, objectives = _confirmed_choice(
                 name, storage=storage, tracking_uri=tracking_uri, trial=trial, epoch=epoch,
                 constraints=constraints)
         else:
             selection = select(name, storage=storage, tracking_uri=tracking_uri,
                                constraints=constraints, space_constraints=space_constraints)
             chosen = pick(selection, trial=trial, epoch=epoch)
-            search_dir, objectives = selection.search_dir, selection.objectives
+            objectives = selection.objectives
         name_out = f"{chosen.trial}_epoch_{chosen.epoch:04d}"
-        out = Path(out) if out else SearchDir(search_dir).exports / name_out
-        provenance = {"search": name, "search_dir": str(search_dir),
+        sdir = SearchDir.of(storage, name)
+        out = Path(out) if out else sdir.exports / name_out
+        provenance = {"search": name, "search_dir": sdir.where,
                       "trial": chosen.trial, "optuna_trial": chosen.number,
                       "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
                       "params": chosen.params, "rank": chosen.rank, "confirmed": confirmed,

@@ -104,6 +104,14 @@ class Selection:
     search_id: str | None = None
     # No checkpoint meets the constraints: the rest ranked without them (never deployed).
     infeasible: list[Candidate] = field(default_factory=list)
+    # The search folder's URI when it is kept in a URI storage (search_dir: its mirror)
+    location: str | None = None
+
+    def where(self, candidate: Candidate) -> str:
+        """Where a candidate's checkpoint is kept, as a user names it."""
+        if self.location is None:
+            return str(candidate.checkpoint)
+        return f"{self.location}/{Path(candidate.checkpoint).relative_to(self.search_dir).as_posix()}"
 
     @property
     def multi_objective(self) -> bool:
@@ -127,11 +135,11 @@ class Selection:
             "objectives": [{"metric": m, "mode": mode} for m, mode in self.objectives],
             "multi_objective": self.multi_objective,
             "constraints": [asdict(c) for c in self.constraints],
-            "candidates": [{**asdict(c), "checkpoint": str(c.checkpoint),
+            "candidates": [{**asdict(c), "checkpoint": self.where(c),
                             "pareto": self.multi_objective and c.rank == 1}
                            for c in self.candidates],
             "dropped": self.dropped, "notes": self.notes,
-            "infeasible": [{**asdict(c), "checkpoint": str(c.checkpoint)}
+            "infeasible": [{**asdict(c), "checkpoint": self.where(c)}
                            for c in self.infeasible],
         }
 
@@ -318,7 +326,8 @@ def select_dir(sdir: SearchDir, *, tracking_uri: str | None = None,
     notes += certainty_notes(ranked, objectives, by_number, search=name)
     return Selection(search=name, search_dir=sdir.root, objectives=objectives, params=keys,
                      constraints=constraints, candidates=ranked, dropped=dropped, notes=notes,
-                     search_id=record.search_id, infeasible=infeasible)
+                     search_id=record.search_id, infeasible=infeasible,
+                     location=sdir.remote.uri if sdir.remote is not None else None)
 
 
 def _per_trial(ranked: list[Candidate], objectives: list[tuple[str, str]], *,
