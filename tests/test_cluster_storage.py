@@ -121,7 +121,9 @@ def test_driver_killed_then_resumed_from_s3_elsewhere(ray_cluster, s3_server, tm
     name, storage = "killed", f"s3://{s3_server.bucket}/killed"
     driver, env = _machine(ray_cluster, tmp_path, "driver")
     space = driver / "space.yaml"
-    space.write_text(tiny_space_yaml(name=name, num_samples=3, max_concurrent=2, epochs=3,
+    # One trial at a time (as tests/test_resume.py): the second trial's epochs
+    # give a wide window to kill the driver in with the first one finished.
+    space.write_text(tiny_space_yaml(name=name, num_samples=3, max_concurrent=1, epochs=3,
                                      pruner="none", base={"train.steps_per_epoch": 6}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--address", ray_cluster.address, "--storage", storage, "--tracking-uri", uri]
@@ -132,7 +134,7 @@ def test_driver_killed_then_resumed_from_s3_elsewhere(ray_cluster, s3_server, tm
     deadline = time.monotonic() + 480
     try:
         while time.monotonic() < deadline:  # a trial done, another one mid-way
-            time.sleep(1)
+            time.sleep(0.5)
             assert proc.poll() is None, "the search ended before it could be killed"
             trials = _study_of(journal, name)
             if any(t.state == TS.COMPLETE for t in trials) and any(
