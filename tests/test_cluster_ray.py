@@ -143,13 +143,11 @@ def test_ddp_search_on_two_one_cpu_nodes_finishes(ray_cluster, s3_server, tmp_pa
 def test_a_space_that_can_never_fit_exits_2_at_once(ray_cluster, tmp_path):
     space = ddp_space(tmp_path, "ddp3", resources="{workers_per_trial: 3, cpus_per_worker: 1}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    t0 = time.monotonic()
+    # Within a minute, or subprocess.TimeoutExpired fails the test (the bound, not a speed).
     done = stain_search(["run", str(space), "--address", ray_cluster.address, "--storage",
                          str(tmp_path / "runs"), "--shared-fs", "--tracking-uri", uri],
-                        cwd=tmp_path, env=ray_cluster.driver_env(), timeout=100)
-    elapsed = time.monotonic() - t0
+                        cwd=tmp_path, env=ray_cluster.driver_env(), timeout=60)
     assert done.returncode == 2, (done.stdout + done.stderr)[-4000:]
-    assert elapsed < 60
     errors = [l for l in done.stderr.splitlines() if l.startswith("stain-search: error: ")]
     assert errors == done.stderr.strip().splitlines()[-1:], done.stderr
     assert "3 workers × 1 CPU" in errors[0] and "2 nodes with 1 CPU each" in errors[0]
@@ -175,16 +173,15 @@ def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_cluster,
 
         holder = Holder.remote()
         ray.get(holder.ready.remote(), timeout=60)
-        t0 = time.monotonic()
+        # A hang would run into the timeout (subprocess.TimeoutExpired fails the test).
         done = stain_search(["run", str(space), "--address", ray_cluster.address, "--storage",
                              str(tmp_path / "runs"), "--shared-fs", "--tracking-uri", uri],
-                            cwd=tmp_path, timeout=200, env=ray_cluster.driver_env(
+                            cwd=tmp_path, timeout=150, env=ray_cluster.driver_env(
                                 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3",
                                 STAIN_SEARCH_WORKER_GROUP_WAIT_S="6"))
-        elapsed = time.monotonic() - t0
     finally:
         ray.shutdown()  # the holder goes with its job
-    assert done.returncode != 0 and elapsed < 150, (elapsed, done.stdout[-3000:])
+    assert done.returncode != 0, done.stdout[-3000:]
     c = tracking.client(uri)
     [run] = tracking.trial_runs(c, c.get_experiment_by_name("blocked").experiment_id,
                                 search="blocked")
