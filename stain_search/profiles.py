@@ -25,8 +25,8 @@ section of the same name:
   what is searched;
 - ``resources``: any ``resources`` key;
 - ``search``: the budget only (``SEARCH_KEYS``: ``num_samples``,
-  ``max_concurrent``, ``early_stopping.grace_period``/``min_trials``, which
-  count epochs and so scale with them). The algorithm, seed, enqueued points,
+  ``max_concurrent``, ``early_stopping.grace_period``/``min_trials`` and
+  ``pbt.perturbation_interval``, which count epochs and so scale with them). The algorithm, seed, enqueued points,
   pruner and its metric define the search and stay in the space's ``search``;
   the ``objective`` is what the space means and is never in a profile.
 
@@ -47,8 +47,10 @@ from stain_search import config as cfg
 from stain_search.errors import ConfigError
 
 PROFILE_KEYS = ("description", "data", "base", "resources", "search")
-SEARCH_KEYS = ("num_samples", "max_concurrent", "early_stopping")
+SEARCH_KEYS = ("num_samples", "max_concurrent", "early_stopping", "pbt")
 EARLY_STOPPING_KEYS = ("grace_period", "min_trials")
+PBT_KEYS = ("perturbation_interval",)
+NESTED = {"early_stopping": EARLY_STOPPING_KEYS, "pbt": PBT_KEYS}  # search sections, epoch counts only
 GPU_PROFILE, CPU_PROFILE = "gpu", "demo"
 
 
@@ -127,11 +129,12 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str],
     _check_keys(search, SEARCH_KEYS, path=path, key=f"{where}.search",
                 why=" (the algorithm, seed, enqueued points and pruner define the search: "
                     "they stay in the space's `search`)")
-    if "early_stopping" in search:
-        es = _mapping(search["early_stopping"], path=path, key=f"{where}.search.early_stopping")
-        _check_keys(es, EARLY_STOPPING_KEYS, path=path, key=f"{where}.search.early_stopping",
-                    why=" (only the epoch counts scale with a profile)")
-        search["early_stopping"] = es
+    for section, keys in NESTED.items():
+        if section in search:
+            body = _mapping(search[section], path=path, key=f"{where}.search.{section}")
+            _check_keys(body, keys, path=path, key=f"{where}.search.{section}",
+                        why=" (only the epoch counts scale with a profile)")
+            search[section] = body
     resources = _mapping(body.get("resources"), path=path, key=f"{where}.resources")
     _check_keys(resources, resource_keys,
                 path=path, key=f"{where}.resources")
@@ -198,7 +201,7 @@ def merge(raw: Mapping[str, Any], profile: Profile, *, path: Path) -> dict[str, 
     search = _mapping(raw.get("search"), path=path, key="search")
     for key, value in profile.search.items():
         search[key] = ({**_mapping(search.get(key), path=path, key=f"search.{key}"), **value}
-                       if key == "early_stopping" else value)
+                       if key in NESTED else value)
     out["search"] = search
     return out
 

@@ -85,6 +85,8 @@ def identity_of(spec: SearchSpec) -> dict[str, Any]:
     search = asdict(spec.search)
     for budget_key in ("num_samples", "max_concurrent"):
         search.pop(budget_key)
+    if not spec.population_based:  # absent: records older than PBT stay comparable
+        search.pop("pbt")
     record = {"base": spec.base, "params": [asdict(p) for p in spec.params],
               "objectives": [asdict(o) for o in spec.objectives], "search": search}
     if spec.constraints:  # absent, not empty, without: older records stay comparable

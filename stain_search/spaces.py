@@ -38,6 +38,8 @@ from stain_search import profiles
 from stain_search.errors import ConfigError
 from stain_search.constraints import Constraint, parse_constraints
 from stain_search.objectives import METRIC_ALIASES, reported_metrics, resolve_metric
+from stain_search.pbt import ALGORITHMS as POPULATION_ALGORITHMS
+from stain_search.pbt import PBTSettings, check_pbt
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
@@ -46,7 +48,7 @@ if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
 TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "constraints", "search",
             "resources", "profiles", "storage")  # profiles: scales of one space (stain_search.profiles)
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
-ALGORITHMS = ("tpe", "random", "nsga2")
+ALGORITHMS = ("tpe", "random", "nsga2", *POPULATION_ALGORITHMS)  # pbt, pb2: stain_search.pbt
 PRUNERS = ("none", "median", "successive_halving")
 
 
@@ -92,6 +94,8 @@ class SearchSettings:
     # NSGA-II's generation size; its first generation is random, so a search
     # needs at least two generations (num_samples ≥ 2 × population_size).
     population_size: int = 8
+    # algorithm: pbt | pb2 — the population is num_samples members (stain_search.pbt).
+    pbt: PBTSettings = field(default_factory=PBTSettings)
 
 
 EXECUTORS = ("auto", "ray_train", "in_trial")
@@ -133,6 +137,12 @@ class SearchSpec:
     # What a deployable checkpoint must meet (`constraints:`); the sampler is told.
     constraints: tuple[Constraint, ...] = ()
     storage: str | None = None  # `storage:` run's default --storage: a folder or s3://…
+    mutate: tuple[str, ...] = ()  # pbt/pb2: the keys exploits may perturb (stain_search.pbt)
+
+    @property
+    def population_based(self) -> bool:
+        """PBT or PB2: members exploit and explore (stain_search.pbt_scheduler)."""
+        return self.search.algorithm in POPULATION_ALGORITHMS
 
     @property
     def multi_objective(self) -> bool:
@@ -377,6 +387,10 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
             raise _err(path, f"space.{p.key}", "also fixed in `base`: keep it in one place")
 
     search = _dataclass_from(SearchSettings, raw.get("search"), path=path, key="search")
+    if "pbt" in _mapping(raw.get("search"), path=path, key="search") and \
+            search.algorithm not in POPULATION_ALGORITHMS:
+        raise _err(path, "search.pbt", f"settings of population-based training, but the "
+                   f"algorithm is {search.algorithm}: use algorithm: pbt (or pb2), or drop it")
     resources = _dataclass_from(Resources, raw.get("resources"), path=path, key="resources")
     objectives = _parse_objectives(raw.get("objective"), path=path, base_config=base_config,
                                    check=check_objective)
@@ -390,6 +404,14 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
                       base=base, params=params, objectives=objectives, search=search,
                       resources=resources, constraints=constraints,
                       storage=_storage(raw.get("storage"), path=path))
+    if spec.population_based:
+        t = base_config.train
+        spec.mutate = check_pbt(search.pbt, params, algorithm=search.algorithm,
+                                num_samples=search.num_samples,
+                                pruner=search.early_stopping.pruner,
+                                objectives=len(objectives), epochs=t.epochs,
+                                eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+                                path=path)
     _check_extremes(spec)
     return spec
 

@@ -112,6 +112,10 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "random": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
     "nsga2": lambda seed, population, constraints=None: optuna.samplers.NSGAIISampler(
         seed=seed, population_size=population, constraints_func=constraints),
+    # PBT and PB2 draw their initial population at random (Jaderberg et al.,
+    # 2017); what they learn lives in the exploits, not in the sampler.
+    "pbt": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
+    "pb2": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
 }
 
 PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
@@ -356,30 +360,8 @@ class StudySearcher(Searcher):
             return  # never suggested here
         if result and self.on_result is not None:
             self.on_result(trial_id, result)
-        final = bool(result) and (result.get("done") or result.get("pruned")
-                                  or result.get("diverged"))
-        if self.stopping() and not final or (result or {}).get("storage_error"):
-            return  # interrupted: stays RUNNING, and the next resume continues it
-        frozen = self.study._storage.get_trial(
-            self.study._storage.get_trial_id_from_study_id_trial_number(
-                self.study._study_id, number))
-        if frozen.state.is_finished():
-            return
-        state, values = outcome(self.spec, result, error=error)
-        deployed = self.told(number) if state == TS.COMPLETE and self.told else None
-        if deployed is not None:
-            values = deployed if self.spec.multi_objective else deployed[0]
-        if self.spec.constraints and state in (TS.COMPLETE, TS.PRUNED):
-            found = self.constrained(number) if self.constrained else None
-            self.study._storage.set_trial_system_attr(
-                frozen._trial_id, CONSTRAINTS,
-                [float(v) for v in found] if found else [math.inf] * len(self.spec.constraints))
-        try:
-            self.study.tell(number, values, state=state, skip_if_finished=True)
-        except (ValueError, RuntimeError) as err:  # e.g. a NaN objective
-            log.warning("trial %s: telling the study failed (%s); recording it as failed", number, err)
-            self.study.tell(number, state=TS.FAIL, skip_if_finished=True)
-
+        tell_finished(self.study, self.spec, number, result, error=error,
+                      stopping=self.stopping(), told=self.told, constrained=self.constrained)
 
     # Tune checkpoints its searcher with the experiment. The study is the
     # search's record; this only keeps Tune's trial ids → Optuna numbers.
@@ -388,6 +370,43 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.numbers = dict(json.loads(Path(checkpoint_path).read_text()).get("numbers", {}))
+
+
+
+def tell_finished(study: optuna.Study, spec: SearchSpec, number: int, result: dict | None, *,
+                  error: bool, stopping: bool,
+                  told: Callable[[int], list[float] | None] | None = None,
+                  constrained: Callable[[int], list[float] | None] | None = None,
+                  attrs: Callable[[int], dict[str, Any]] | None = None) -> None:
+    """Tell the study how trial ``number`` ended (the driver's one place for it:
+    :class:`StudySearcher` and, for PBT, ``pbt_scheduler.PopulationRecorder``).
+    A trial that ends while the driver stops, without a final result, is not
+    told: it stays RUNNING, and the next resume continues it. ``attrs`` gives
+    user attributes to store on the trial first (a PBT member's schedule)."""
+    final = bool(result) and (result.get("done") or result.get("pruned")
+                              or result.get("diverged"))
+    if stopping and not final or (result or {}).get("storage_error"):
+        return  # interrupted: stays RUNNING, and the next resume continues it
+    frozen = study._storage.get_trial(
+        study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    if frozen.state.is_finished():
+        return
+    state, values = outcome(spec, result, error=error)
+    deployed = told(number) if state == TS.COMPLETE and told else None
+    if deployed is not None:
+        values = deployed if spec.multi_objective else deployed[0]
+    if spec.constraints and state in (TS.COMPLETE, TS.PRUNED):
+        found = constrained(number) if constrained else None
+        study._storage.set_trial_system_attr(
+            frozen._trial_id, CONSTRAINTS,
+            [float(v) for v in found] if found else [math.inf] * len(spec.constraints))
+    for key, value in (attrs(number) if attrs else {}).items():
+        study._storage.set_trial_user_attr(frozen._trial_id, key, value)
+    try:
+        study.tell(number, values, state=state, skip_if_finished=True)
+    except (ValueError, RuntimeError) as err:  # e.g. a NaN objective
+        log.warning("trial %s: telling the study failed (%s); recording it as failed", number, err)
+        study.tell(number, state=TS.FAIL, skip_if_finished=True)
 
 
 def run_tags(user_attrs: dict[str, Any]) -> dict[str, str]:
