@@ -74,6 +74,8 @@ class TrialContext:
     resources: Resources
     pruning: Pruning
     study: StudyAccess  # the study, as the driver serves it to every node
+    # pbt/pb2: the keys exploits perturb (empty: not a population-based search)
+    mutate: tuple[str, ...] = ()
 
     @property
     def first_objective(self) -> Objective:
@@ -90,20 +92,27 @@ class WorkerContext:
     number: int  # Optuna trial number
     study_trial_id: int  # Optuna's storage id of the trial (for pruning reports)
     run_id: str  # the trial's MLflow run
+    # pbt/pb2: the member's schedule so far (stain_search.pbt), kept in every checkpoint
+    schedule: tuple = ()
 
     @property
     def trial_dir(self) -> Path:
-        """Where this trial's checkpoints are written: the search folder's trial
-        folder, or with a URI storage this node's scratch (each checkpoint is
-        uploaded from there, see :attr:`trial_remote`)."""
-        sdir = self.trial.search_dir
-        if sdir.remote is None:
-            return sdir.trial(self.number)
-        from stain_search.storage import scratch_root
-
-        return scratch_root() / self.trial.search_id / sdir.trial(self.number).relative_to(sdir.root)
+        """Where this trial's checkpoints are written (:func:`trial_folder`)."""
+        return trial_folder(self.trial, self.number)
 
     @property
     def trial_remote(self):
         """The trial's folder in a URI storage (None: a local storage)."""
         return self.trial.search_dir.trial_remote(self.number)
+
+
+def trial_folder(trial: TrialContext, number: int) -> Path:
+    """Where trial ``number`` writes its checkpoints: the search folder's trial
+    folder, or with a URI storage this node's scratch (each checkpoint is
+    uploaded from there, see :attr:`WorkerContext.trial_remote`)."""
+    sdir = trial.search_dir
+    if sdir.remote is None:
+        return sdir.trial(number)
+    from stain_search.storage import scratch_root
+
+    return scratch_root() / trial.search_id / sdir.trial(number).relative_to(sdir.root)

@@ -178,3 +178,20 @@ def push_checkpoint(remote: Remote, scratch: Path, checkpoint: Path, *, keep: in
     remote.upload(Path(checkpoint) / META_FILE, f"{name}/{META_FILE}")
     for gone in prune_checkpoints(scratch, keep=keep, metric=metric, mode=mode):
         remote.delete(gone.name)
+
+
+def pull_newest(remote: Remote, scratch: Path) -> Path | None:
+    """A trial's newest complete checkpoint, weights included, from the store
+    into ``scratch`` (a PBT exploit takes its donor's); None if it has none."""
+    listing = [r for r, is_dir in remote.list(recursive=True) if not is_dir]
+    complete = sorted(name for name in {r.split("/")[0] for r in listing if r.startswith(PREFIX)}
+                      if {f"{name}/{META_FILE}", f"{name}/{STATE_FILE}"} <= set(listing))
+    if not complete:
+        return None
+    from stain_search.atomic import atomic_dir
+
+    name = complete[-1]
+    with atomic_dir(Path(scratch) / name) as tmp:
+        for file in (STATE_FILE, META_FILE):
+            remote.download(f"{name}/{file}", tmp / file)
+    return Path(scratch) / name

@@ -384,24 +384,38 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                                           trial=trial_name(number), values=values)
             return values
 
-        searcher = StudySearcher(spec, sdir.study_journal, resume=unfinished,
-                                 stopping=lambda: stopper.stopping, on_result=on_result,
-                                 told=lambda number: deploy_values(sdir, spec, number),
-                                 constrained=constrained if spec.constraints else None)
+        limit = min(budget.max_concurrent, fits or budget.max_concurrent)
+        scheduler, param_space = None, None
+        if spec.population_based:  # Tune's PBT/PB2 (stain_search.pbt_scheduler)
+            from stain_search.pbt_scheduler import population_tuning
+
+            search_alg, scheduler, recorder, param_space = population_tuning(
+                spec, study, sdir, resumed=unfinished, new=new, max_concurrent=limit,
+                stopping=lambda: stopper.stopping, on_result=on_result,
+                told=lambda number: deploy_values(sdir, spec, number),
+                constrained=constrained if spec.constraints else None)
+        else:
+            search_alg = ConcurrencyLimiter(StudySearcher(
+                spec, sdir.study_journal, resume=unfinished,
+                stopping=lambda: stopper.stopping, on_result=on_result,
+                told=lambda number: deploy_values(sdir, spec, number),
+                constrained=constrained if spec.constraints else None), max_concurrent=limit)
         # The study, served to the trials on every node while Tune runs (below).
         server = serve_study(sdir.study_journal, name=spec.name, host=driver_host(private=started))
         ctx = TrialContext(search=spec.name, search_id=record.search_id, search_dir=sdir,
                            tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                            base_config=base_config, objectives=tuple(spec.objectives),
                            resources=spec.resources, study=server.access,
-                           pruning=Pruning.of(spec.search.early_stopping, spec.objectives))
+                           pruning=Pruning.of(spec.search.early_stopping, spec.objectives),
+                           mutate=spec.mutate)
         trainable = tune.with_resources(tune.with_parameters(cyclegan_trial, ctx=ctx),
                                         trial_resources(spec.resources))
         first = spec.objectives[0]
         in_trial = spec.resources.resolved_executor == "in_trial"
         states = [t.state.name for t in study.trials]
         callbacks = [StopCallback(stopper),
-                     ParentProgress(client, parent, first, finished_before=finished_count(study))]
+                     ParentProgress(client, parent, first, finished_before=finished_count(study)),
+                     *([recorder] if spec.population_based else [])]
         if not verbose:
             callbacks.append(SearchConsole(
                 name=spec.name, objectives=spec.objectives, num_samples=budget.num_samples,
@@ -410,10 +424,9 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                              "pruned": states.count("PRUNED"), "failed": states.count("FAIL")},
                 live=live))
         tuner = tune.Tuner(
-            trainable,
+            trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=min(
-                    budget.max_concurrent, fits or budget.max_concurrent)),
+                search_alg=search_alg, scheduler=scheduler,
                 num_samples=len(unfinished) + new, metric=first.metric, mode=first.mode,
                 # in_trial: the next trial runs in the finished trial's process
                 # (torch, CUDA context and data already loaded): ~5.7 s less per
@@ -423,6 +436,9 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
             run_config=tune.RunConfig(
                 name=next_tune_run(sdir), storage_path=sdir.tune_location,
                 callbacks=callbacks,
+                # PBT exploits through members' pointer checkpoints (a few bytes
+                # each): Tune keeps every one. With num_to_keep, a donor's that an
+                # exploit shares is deleted twice, and Tune logs errors.
                 # in_trial: Tune restarts a lost trial (from its folder's
                 # checkpoint); ray_train: Ray Train restarts lost workers.
                 failure_config=tune.FailureConfig(

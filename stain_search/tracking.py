@@ -259,6 +259,20 @@ def note_restart(c, run_id: str, *, epoch: int) -> None:
     c.set_tag(run_id, RESUMED_FROM, str(epoch))
 
 
+EXPLOITS = "stain_search.exploits"  # a PBT member's count; each is stain_search.exploit.<k>
+
+
+def note_exploit(c, run_id: str, record: dict[str, Any]) -> int:
+    """A PBT exploit on the member's run: its epoch, donor, old and new values
+    (one JSON tag per exploit, numbered; the values per epoch are the run's
+    ``schedule/<key>`` metrics). Returns its number."""
+    count = int(c.get_run(run_id).data.tags.get(EXPLOITS, "0")) + 1
+    c.set_tag(run_id, f"stain_search.exploit.{count}", json.dumps(record, default=str)[:5000])
+    c.set_tag(run_id, "stain_search.last_donor", str(record.get("donor")))
+    c.set_tag(run_id, EXPLOITS, str(count))
+    return count
+
+
 def note_node(c, run_id: str, node_id: str) -> None:
     """The Ray node rank 0 of the trial runs on (re-set when the trial restarts)."""
     c.set_tag(run_id, NODE, node_id)

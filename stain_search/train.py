@@ -136,8 +136,10 @@ def train_epoch(model: CycleGAN, loader: DataLoader) -> tuple[dict[str, float], 
 
 def run_training(config: Config, *, reporter: Reporter, resume: Path | None = None,
                  device: torch.device | None = None, log: Log = print,
-                 should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Train (or continue training) one CycleGAN; return the last epoch's metrics."""
+                 should_stop: Callable[[], bool] | None = None,
+                 meta_extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train (or continue training) one CycleGAN; return the last epoch's metrics.
+    ``meta_extra``: more keys for every checkpoint's meta.json (a PBT member's schedule)."""
     t, ev = config.train, config.eval
     rank, size = world()
     device = device or resolve_device(t.device)
@@ -191,7 +193,8 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
                 folder = write_checkpoint(Path(root or tmp) / checkpoint_name(epoch + 1),
                                           state=model.state_dict_full(),
                                           meta={"epoch": epoch + 1, "metrics": metrics,
-                                                "config": config.to_dict()})
+                                                "config": config.to_dict(),
+                                                **(meta_extra or {})})
                 metrics["time_checkpoint_s"] = time.perf_counter() - t2
             reporter.report(metrics, checkpoint=folder, grid=grid)
         log(format_epoch(metrics, t.epochs))

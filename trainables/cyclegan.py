@@ -23,7 +23,10 @@ number; nothing is named after a timestamp or re-read from the space file.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from stain_search import tracking
@@ -41,17 +45,33 @@ from stain_search.cluster import unplaced_message, worker_group_retries
 from stain_search.checkpoint import (CheckpointError, best_checkpoint_in, latest_checkpoint,
                                      prune_checkpoints, read_checkpoint, read_meta)
 from stain_search.config import apply_overrides
-from stain_search.context import TrialContext, WorkerContext
+from stain_search.context import TrialContext, WorkerContext, trial_folder
 from stain_search.distributed import world
 from stain_search.errors import TrainingDiverged
 from stain_search.evaluate import COUNT_KEYS
-from stain_search.mirror import pull_trial_scratch, push_checkpoint
+from stain_search.mirror import pull_newest, pull_trial_scratch, push_checkpoint
+from stain_search.pbt import read_pointer, write_pointer
 from stain_search.search_dir import trial_name
 from stain_search.stopping import is_storage_error, storage_error_message
 from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TAGS, TrialPruning
 from stain_search.train import run_training
 
 KEEP_CHECKPOINTS = 2  # per trial, the best by the first objective (+ the newest)
+SCHEDULE_PREFIX = "schedule/"  # MLflow metrics of a PBT member's mutated values, per epoch
+POINTER_EPOCH = "pbt_checkpoint_epoch"  # a result whose epoch a PBT member checkpointed
+
+
+def report_to_tune(metrics: dict[str, Any], wctx: WorkerContext) -> None:
+    """A result to Tune; a PBT member's checkpointed epoch with the pointer
+    Tune's scheduler exploits it through (``stain_search.pbt``: the weights
+    stay in the search's folder; Tune copies a few bytes)."""
+    epoch = metrics.get(POINTER_EPOCH)
+    if epoch is None:
+        ray.tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="stain-search-member-") as tmp:
+        write_pointer(Path(tmp), trial=wctx.trial_name, number=wctx.number, epoch=int(epoch))
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
 class TrialReporter:
@@ -81,6 +101,9 @@ class TrialReporter:
         # Sample counts are params (one value per run, comparable at a glance);
         # a restarted trial has logged them already.
         self.counted = self.logged > 0
+        # A PBT member: its mutated values at every epoch (its schedule in MLflow).
+        flat = wctx.config.flat()
+        self.schedule = {f"{SCHEDULE_PREFIX}{k}": flat[k] for k in ctx.mutate}
 
     def report(self, metrics, *, checkpoint, grid):
         epoch = int(metrics["epoch"])
@@ -91,7 +114,7 @@ class TrialReporter:
             if counts and not self.counted:  # how many crops the metrics rest on
                 tracking.log_params(self.client, run_id, counts)
                 self.counted = True
-            tracking.log_epoch(self.client, run_id, metrics, epoch=epoch)
+            tracking.log_epoch(self.client, run_id, {**metrics, **self.schedule}, epoch=epoch)
             if grid is not None:
                 tracking.log_image(self.client, run_id, grid, f"samples/epoch_{epoch:04d}.png")
         _fault_injection(epoch, self.wctx)
@@ -110,8 +133,10 @@ class TrialReporter:
                 push_checkpoint(self.wctx.trial_remote, self.wctx.trial_dir, checkpoint, **keep)
             else:
                 prune_checkpoints(self.wctx.trial_dir, **keep)
+        if checkpoint is not None and self.wctx.trial.mutate:
+            metrics[POINTER_EPOCH] = int(metrics.get("epoch", 0))  # PBT may exploit this one
         if self.in_trial:
-            ray.tune.report(metrics)
+            report_to_tune(metrics, self.wctx)
         else:
             ray.train.report(metrics)
 
@@ -188,7 +213,8 @@ def run_worker(wctx: WorkerContext, reporter: TrialReporter, *,
             reporter.report(dict(meta["metrics"]), checkpoint=None, grid=None)
             return
         run_training(config, reporter=reporter, resume=resume, device=device,
-                     should_stop=reporter.should_stop, log=_quiet)
+                     should_stop=reporter.should_stop, log=_quiet,
+                     meta_extra={"schedule": list(wctx.schedule)} if wctx.schedule else None)
     except TrainingDiverged as err:
         # Retrying a diverged GAN only diverges again: end the trial cleanly
         # with the reason, and let the driver record it as failed.
@@ -229,6 +255,10 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
     params = tune_config[PARAMS]
     number = int(tune_config[OPTUNA_NUMBER])
     name = trial_name(number)
+    # A PBT member exploiting another takes its newest checkpoint first.
+    member = start_pbt_member(ctx, number, name, params) if ctx.mutate else None
+    if member is not None:
+        params = member.params
     config = apply_overrides(ctx.base_config, params).validate()
     client = tracking.client(ctx.tracking_uri)
     run_id = tracking.start_trial_run(
@@ -237,8 +267,11 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
         searched=params.keys(), checkpoints=ctx.search_dir.trial_location(number),
         tune_trial_id=ray.tune.get_context().get_trial_id(),
         run_name=tracking.trial_run_name(number, params), extra_tags=tune_config.get(TAGS))
+    if member is not None and member.exploit is not None:
+        tracking.note_exploit(client, run_id, member.exploit)
     wctx = WorkerContext(trial=ctx, config=config, trial_name=name, number=number,
-                         study_trial_id=int(tune_config[OPTUNA_TRIAL_ID]), run_id=run_id)
+                         study_trial_id=int(tune_config[OPTUNA_TRIAL_ID]), run_id=run_id,
+                         schedule=tuple(member.schedule) if member is not None else ())
     first = ctx.first_objective
     in_trial = ctx.resources.resolved_executor == "in_trial"
     status, error = "finished", None
@@ -273,10 +306,52 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
         raise RuntimeError(f"trial {name} failed: {error}")
 
 
+def start_pbt_member(ctx: TrialContext, number: int, name: str, params: dict[str, Any]):
+    """A PBT member's start (``stain_search.exploit``): its own checkpoints, or,
+    when Tune restarted it with another member's pointer, that member's newest."""
+    from stain_search.exploit import start_member
+
+    sdir = ctx.search_dir
+    folder = trial_folder(ctx, number)
+    remote = sdir.trial_remote(number)
+    if remote is not None:
+        pull_trial_scratch(remote, folder)
+    pointer = pointer_id = None
+    given = ray.tune.get_checkpoint()
+    if given is not None:
+        with given.as_directory() as where:
+            pointer = read_pointer(Path(where))
+        pointer_id = given.path
+
+    def donor_checkpoint(donor: int, scratch: Path) -> Path | None:
+        if sdir.trial_remote(donor) is not None:
+            return pull_newest(sdir.trial_remote(donor), scratch)
+        for _ in range(3):  # the donor trains on: its newest may be retired mid-copy
+            newest = latest_checkpoint(sdir.trial(donor))
+            if newest is None:
+                return None
+            try:
+                return Path(shutil.copytree(newest, scratch / newest.name))
+            except (FileNotFoundError, shutil.Error):
+                shutil.rmtree(scratch / newest.name, ignore_errors=True)
+        return None
+
+    first = ctx.first_objective
+    keep = dict(keep=KEEP_CHECKPOINTS, metric=first.metric, mode=first.mode)
+    return start_member(
+        trial=name, number=number, folder=folder, params=params, mutate=ctx.mutate,
+        pointer=pointer, pointer_id=pointer_id, donor_checkpoint=donor_checkpoint,
+        publish=(lambda c: push_checkpoint(remote, folder, c, **keep)) if remote else None,
+        retire=(lambda c: remote.delete(c.name)) if remote else None)
+
+
 def ray_train_fit(wctx: WorkerContext):
     """The ``ray_train`` executor: one TorchTrainer (DDP over its workers)."""
     resources = wctx.trial.resources
     use_gpu = resources.gpus_per_worker > 0
+    # A PBT member's results come back through this trial, which hands Tune
+    # the pointer checkpoint (Ray's TuneReportCallback forwards no checkpoint).
+    forward = _MemberResults() if wctx.trial.mutate else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"ctx": wctx},
@@ -286,15 +361,54 @@ def ray_train_fit(wctx: WorkerContext):
                                   **({"GPU": resources.gpus_per_worker} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=wctx.trial_name, storage_path=f"{wctx.trial.search_dir.tune_location}/train",
-            callbacks=[TuneReportCallback()],
+            callbacks=[forward if forward is not None else TuneReportCallback()],
             # A worker group Ray cannot place is retried for a bounded time
             # (stain_search.cluster), not forever.
             failure_config=FailureConfig(max_failures=resources.max_failures,
                                          controller_failure_limit=worker_group_retries())),
     )
     try:
-        return trainer.fit()
+        return trainer.fit() if forward is None else forward.fit(trainer, wctx)
     except ray.train.ControllerError as err:
         if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
         raise RuntimeError(f"{wctx.trial_name}: {unplaced_message(resources)}") from None
+
+
+class _MemberResults(UserCallback):
+    """Ray Train's rank-0 results, handed to this Tune trial one at a time
+    (a one-slot queue): the trial reports each to Tune itself, with a PBT
+    pointer checkpoint where one belongs (:func:`report_to_tune`)."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(dict(metrics[0]))  # runs in Ray Train's controller
+
+    def fit(self, trainer: TorchTrainer, wctx: WorkerContext):
+        from ray.util.queue import Empty
+
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["result"] = trainer.fit()
+            except BaseException as err:  # noqa: BLE001 - raised below, in the trial
+                out["error"] = err
+
+        thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+        thread.start()
+        while thread.is_alive() or not self.queue.empty():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            report_to_tune(item, wctx)
+        thread.join()
+        self.queue.shutdown()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
