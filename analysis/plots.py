@@ -314,6 +314,51 @@ def loss_curves(frame: pd.DataFrame, *, losses: Sequence[str] = LOSSES,
     return fig
 
 
+SCHEDULE_PREFIX = "schedule/"  # a PBT member's mutated values per epoch (trainables.cyclegan)
+
+
+def schedule_keys(frame: pd.DataFrame) -> list[str]:
+    return [c[len(SCHEDULE_PREFIX):] for c in frame.columns if str(c).startswith(SCHEDULE_PREFIX)]
+
+
+def schedules(frame: pd.DataFrame, *, log_keys: Sequence[str] = (),
+              chosen: str | None = None) -> Figure:
+    """A PBT search: one panel per mutated key, each member's value over its
+    epochs (a step where it exploited another member and explored)."""
+    keys = schedule_keys(frame)
+    cols = min(3, max(1, len(keys)))
+    rows = -(-max(1, len(keys)) // cols)
+    fig, axes = _grid(rows, cols, w=4.2, h=3.2)
+    trials = list(dict.fromkeys(frame["trial"]))
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        column = SCHEDULE_PREFIX + key
+        for i, trial in enumerate(trials):
+            member = frame[frame["trial"] == trial].dropna(subset=[column, "epoch"]).sort_values("epoch")
+            if member.empty:
+                continue
+            bold = trial == chosen
+            epochs, values = member["epoch"].astype(float).to_numpy(), member[column].to_numpy()
+            ax.step(epochs, values, where="pre", color=f"C{i % 10}", lw=2.6 if bold else 1.2,
+                    alpha=1.0 if bold else 0.8, zorder=4 if bold else 2,
+                    label=f"#{member['number'].iloc[0]}")
+            changed = np.flatnonzero(np.diff(values) != 0) + 1  # explored after an exploit
+            ax.scatter(epochs[changed], values[changed], color=f"C{i % 10}", marker="o",
+                       s=22, zorder=5)
+        if key in log_keys:
+            ax.set_yscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if keys and len(trials) <= 12:
+        axes.flat[len(keys) - 1].legend(title="member", fontsize="small")
+    note = f"; thick line: chosen {chosen}" if chosen else ""
+    fig.suptitle(f"Hyper-parameter schedules of the population (dots: after an exploit){note}")
+    return fig
+
+
 def best_so_far(frame: pd.DataFrame, *, objectives: Sequence[Objective]) -> Figure:
     """Best objective seen (any trial, any epoch) against trial-epochs spent, in the
     order the epochs finished: how fast the search found what it found."""

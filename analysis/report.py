@@ -184,6 +184,10 @@ def make_figures(search: Search, analysis: Analysis, folder: Path, *,
     keep("loss_curves", plots.loss_curves(search.frame, colour_by=colour,
                                           log_colour=colour is not None and search.is_log(colour),
                                           chosen=analysis.chosen))
+    if plots.schedule_keys(search.frame):  # a PBT/PB2 search
+        keep("schedules", plots.schedules(search.frame, chosen=analysis.chosen,
+                                          log_keys=[k for k in plots.schedule_keys(search.frame)
+                                                    if search.is_log(k)]))
     if search.confirmation is not None and search.confirmation.finished:
         keep("confirmation", plots.confirmation(search.confirmation))
     if images:
@@ -251,6 +255,10 @@ CAPTIONS = {
     "loss_curves": "Training losses per trial (epoch means). Discriminator losses falling to "
                    "zero while G's loss climbs is the classic sign of a winning discriminator; "
                    "colour follows the parameter that mattered most.",
+    "schedules": "Population-based training: each member's mutated values over its epochs. "
+                 "A dot is an exploit: the member took a better member's newest checkpoint "
+                 "and values, then perturbed or resampled them within the space's bounds. "
+                 "The schedule of the deployed checkpoint is in its export's provenance.",
     "confirmation": "`stain-search confirm` re-trained the top configurations with new seeds. "
                     "Blue: mean ± std over the new seeds; grey: each seed run (its best kept "
                     "checkpoint); red diamond: the search's own run, left out of the mean (it "
@@ -426,6 +434,7 @@ def render_html(search: Search, analysis: Analysis, figures: dict[str, Path], *,
     figure("pareto", "Pareto front")
     figure("top_trials_images", "Top trials, same tiles")
     figure("best_so_far", "Search progress")
+    figure("schedules", "Schedules (population-based training)")
     figure("loss_curves", "Training losses")
     sections.append("<h2>Flags</h2>")
     if analysis.flags:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stain_search.pbt import SCHEDULE
 from stain_search.search_dir import SearchDir
 from stain_search import __version__
 from stain_search.atomic import atomic_dir
@@ -221,6 +222,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     data_cfg = (meta.get("config") or {}).get("data") or {}
     prov = {"checkpoint": str(checkpoint.resolve()), "epoch": meta.get("epoch"),
             "metrics": meta.get("metrics", {}), "data": data_cfg.get("path"),
+            # a PBT member's: the values its weights were trained with, epoch by epoch
+            **({"schedule": meta[SCHEDULE]} if meta.get(SCHEDULE) else {}),
             **(provenance or {})}
     on_step("stain statistics of the training data")
     data = training_data(data_cfg)

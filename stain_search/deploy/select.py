@@ -44,6 +44,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta
+from stain_search.pbt import COPIED_FROM
 from stain_search.errors import ConfigError
 from stain_search.pareto import deploy_order, pareto_ranks
 from stain_search.search_dir import SearchDir
@@ -243,6 +244,8 @@ def gather_trial(folder: Path, keys: list[str], dropped: dict[str, int]) -> list
             meta = read_meta(ckpt)
         except CheckpointError:
             dropped["unreadable checkpoint"] = dropped.get("unreadable checkpoint", 0) + 1
+            continue
+        if meta.get(COPIED_FROM):  # a PBT exploit's copy: the donor's original counts
             continue
         config = flat_config(meta.get("config", {}))
         out.append(Candidate(trial=folder.name, epoch=int(meta.get("epoch", 0)),
