@@ -17,13 +17,13 @@ from stain_search import config as cfg
 from stain_search.pareto import pareto_mask
 from stain_search.spaces import bundled_spaces, load_space, parse_space
 
-NAMES = {"lambda", "lr", "identity", "r1", "attention", "optimizer", "full"}
+NAMES = {"lambda", "lr", "identity", "r1", "attention", "optimizer", "full", "pbt"}
 PARETO = {"full", "identity"}
 PROFILED = [(path.stem, profile) for path in bundled_spaces()
             for profile in (cfg.read_yaml(path).get("profiles") or {})]
 
 
-def test_the_seven_spaces_are_bundled():
+def test_the_eight_spaces_are_bundled():
     assert {p.stem for p in bundled_spaces()} == NAMES
 
 
