@@ -340,7 +340,7 @@ def schedules(frame: pd.DataFrame, *, log_keys: Sequence[str] = (),
                 continue
             bold = trial == chosen
             epochs, values = member["epoch"].astype(float).to_numpy(), member[column].to_numpy()
-            ax.step(epochs, values, where="pre", color=f"C{i % 10}", lw=2.6 if bold else 1.2,
+            ax.step(epochs, values, where="post", color=f"C{i % 10}", lw=2.6 if bold else 1.2,
                     alpha=1.0 if bold else 0.8, zorder=4 if bold else 2,
                     label=f"#{member['number'].iloc[0]}")
             changed = np.flatnonzero(np.diff(values) != 0) + 1  # explored after an exploit

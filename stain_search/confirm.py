@@ -27,12 +27,15 @@ import dataclasses
 from pathlib import Path
 
 from stain_search import tracking
+from stain_search.checkpoint import read_meta
 from stain_search.deploy.confirmed import Confirmation, confirmation
 from stain_search.deploy.select import select_dir, study_trials
 from stain_search.errors import ConfigError
+from stain_search.pbt import schedule_of
 from stain_search.search import ParentRun, search_spec
 from stain_search.search_dir import SearchDir, identity_of
 from stain_search.spaces import EarlyStopping, Param, SearchSpec, load_space
+from stain_search.study import REPLAY
 
 SEED_KEY = "train.seed"
 MAX_SEED = 2**31 - 1
@@ -62,13 +65,19 @@ def confirmation_spec(sdir: SearchDir, *, top: int, seeds: int,
     for c in ranked[:top]:
         searched = by_number.get(c.number)
         params = dict(searched.params) if searched is not None else dict(c.params)
+        # A PBT member's checkpoint: its weights' schedule is replayed from epoch 0
+        # (the values its lineage started from, then each exploit's).
+        schedule = schedule_of(read_meta(c.checkpoint))
+        if schedule:
+            params = {k: v for k, v in schedule[0]["values"].items() if k in params}
         params.pop(SEED_KEY, None)
         for seed in values:
             points.append({**params, SEED_KEY: seed})
             attrs.append({tracking.CONFIRMS: c.trial, tracking.CONFIRMS_NUMBER: str(c.number),
-                          tracking.SEED: str(seed)})
+                          tracking.SEED: str(seed), **({REPLAY: schedule} if schedule else {})})
     spec.params = [p for p in spec.params if p.key != SEED_KEY] + [
         Param(key=SEED_KEY, distribution="int", low=0, high=MAX_SEED)]
+    spec.mutate = ()  # fixed configurations (a PBT search's schedules replayed), no exploits
     spec.search = dataclasses.replace(
         spec.search, algorithm="random", num_samples=len(points), enqueue=points,
         enqueue_attrs=attrs,

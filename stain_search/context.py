@@ -94,6 +94,8 @@ class WorkerContext:
     run_id: str  # the trial's MLflow run
     # pbt/pb2: the member's schedule so far (stain_search.pbt), kept in every checkpoint
     schedule: tuple = ()
+    # a PBT schedule this trial replays epoch by epoch (confirming a PBT search)
+    replay: tuple = ()
 
     @property
     def trial_dir(self) -> Path:

@@ -157,14 +157,10 @@ def exploits_in(schedule: Iterable[Mapping[str, Any]]) -> set[str]:
     return {s["exploit"] for s in schedule if s.get("exploit")}
 
 
-def values_over_epochs(schedule: list[Mapping[str, Any]], epochs: int) -> dict[str, list]:
-    """key → its value at each epoch 1..epochs (what re-training would set)."""
-    out: dict[str, list] = {}
-    for epoch in range(1, epochs + 1):
-        segment = [s for s in schedule if s["epoch"] < epoch][-1:] or schedule[:1]
-        for key, value in (segment[0]["values"] if segment else {}).items():
-            out.setdefault(key, []).append(value)
-    return out
+def values_at(schedule: list[Mapping[str, Any]], epoch: int) -> dict[str, Any]:
+    """The values in force while training epoch ``epoch`` (1-based)."""
+    active = [s for s in schedule if s["epoch"] < epoch] or list(schedule[:1])
+    return dict(active[-1]["values"]) if active else {}
 
 
 def clip(value: float, low: float, high: float) -> float:

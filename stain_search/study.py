@@ -70,6 +70,9 @@ class WarmPoint:
 
 # Keys the searcher adds to each trial's config beside the suggested values.
 OPTUNA_TRIAL_ID, OPTUNA_NUMBER, PARAMS = "optuna_trial_id", "optuna_number", "params"
+# A PBT schedule the trial replays (`stain-search confirm` of a PBT search): the
+# study trial's user attribute, handed on in the trial's config.
+REPLAY = "pbt.replay"
 # The study trial's user attributes named ``stain_search.*`` (set when a trial
 # is enqueued, e.g. the configuration a confirmation run confirms): the trial
 # puts them on its MLflow run as tags.
@@ -343,12 +346,13 @@ class StudySearcher(Searcher):
             frozen = self.study.trials[number]
             self.numbers[trial_id] = number
             return {PARAMS: dict(frozen.params), OPTUNA_TRIAL_ID: frozen._trial_id,
-                    OPTUNA_NUMBER: number, TAGS: run_tags(frozen.user_attrs)}
+                    OPTUNA_NUMBER: number, TAGS: run_tags(frozen.user_attrs),
+                    **replay_of(frozen.user_attrs)}
         trial = self.study.ask()
         values = suggest(trial, self.spec.params)
         self.numbers[trial_id] = trial.number
         return {PARAMS: values, OPTUNA_TRIAL_ID: trial._trial_id, OPTUNA_NUMBER: trial.number,
-                TAGS: run_tags(trial.user_attrs)}
+                TAGS: run_tags(trial.user_attrs), **replay_of(trial.user_attrs)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.on_result is not None:
@@ -407,6 +411,10 @@ def tell_finished(study: optuna.Study, spec: SearchSpec, number: int, result: di
     except (ValueError, RuntimeError) as err:  # e.g. a NaN objective
         log.warning("trial %s: telling the study failed (%s); recording it as failed", number, err)
         study.tell(number, state=TS.FAIL, skip_if_finished=True)
+
+
+def replay_of(user_attrs: dict[str, Any]) -> dict[str, Any]:
+    return {REPLAY: user_attrs[REPLAY]} if user_attrs.get(REPLAY) else {}
 
 
 def run_tags(user_attrs: dict[str, Any]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from stain_search.atomic import atomic_path
 from stain_search.checkpoint import (checkpoint_name, latest_checkpoint, prune_checkpoints,
                                      read_checkpoint, store_checkpoint, write_checkpoint)
-from stain_search.config import Config
+from stain_search.config import Config, apply_overrides
 from stain_search.data import UnpairedDataset, check_files, resolve_dataset, write_image
 from stain_search.data.eval_crops import crop_count, eval_crops
 from stain_search.data.loader import build_train_loader, epoch_seed
@@ -42,6 +42,7 @@ from stain_search.evaluate import Evaluator, sample_grid
 from stain_search.errors import ConfigError
 from stain_search.gan import LOSS_NAMES, Batch, CycleGAN
 from stain_search.optim import linear_decay
+from stain_search.pbt import MUTABLE, values_at
 
 Log = Callable[[str], None]
 
@@ -137,9 +138,12 @@ def train_epoch(model: CycleGAN, loader: DataLoader) -> tuple[dict[str, float], 
 def run_training(config: Config, *, reporter: Reporter, resume: Path | None = None,
                  device: torch.device | None = None, log: Log = print,
                  should_stop: Callable[[], bool] | None = None,
-                 meta_extra: dict[str, Any] | None = None) -> dict[str, float]:
+                 meta_extra: dict[str, Any] | None = None,
+                 replay: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Train (or continue training) one CycleGAN; return the last epoch's metrics.
-    ``meta_extra``: more keys for every checkpoint's meta.json (a PBT member's schedule)."""
+    ``meta_extra``: more keys for every checkpoint's meta.json (a PBT member's schedule).
+    ``replay``: a PBT schedule to replay (``stain_search.pbt``): each epoch trains
+    with the mutable values in force then (the networks' shapes stay ``config``'s)."""
     t, ev = config.train, config.eval
     rank, size = world()
     device = device or resolve_device(t.device)
@@ -164,8 +168,10 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t.epochs):
         seed_everything(epoch_seed(t.seed, epoch, rank))
-        for opt, base in ((model.opt_g, config.optim.lr_g),
-                          (model.opt_d, config.optim.lr_d or config.optim.lr_g)):
+        if replay:  # read by the step (λ, γ) and just below (learning rates)
+            model.config = replayed(config, replay, epoch + 1)
+        now = model.config.optim
+        for opt, base in ((model.opt_g, now.lr_g), (model.opt_d, now.lr_d or now.lr_g)):
             for group in opt.param_groups:
                 group["lr"] = base * schedule(epoch)
         model.train()
@@ -193,7 +199,7 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
                 folder = write_checkpoint(Path(root or tmp) / checkpoint_name(epoch + 1),
                                           state=model.state_dict_full(),
                                           meta={"epoch": epoch + 1, "metrics": metrics,
-                                                "config": config.to_dict(),
+                                                "config": model.config.to_dict(),
                                                 **(meta_extra or {})})
                 metrics["time_checkpoint_s"] = time.perf_counter() - t2
             reporter.report(metrics, checkpoint=folder, grid=grid)
@@ -201,6 +207,12 @@ def run_training(config: Config, *, reporter: Reporter, resume: Path | None = No
         if should_stop is not None and should_stop():
             break
     return metrics
+
+
+def replayed(config: Config, schedule: list[dict[str, Any]], epoch: int) -> Config:
+    """``config`` with the schedule's mutable values for ``epoch`` (1-based)."""
+    values = {k: v for k, v in values_at(schedule, epoch).items() if k in MUTABLE}
+    return apply_overrides(config, values).validate() if values else config
 
 
 def format_epoch(metrics: dict[str, Any], epochs: int) -> str:

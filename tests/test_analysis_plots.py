@@ -155,3 +155,25 @@ def test_image_grid_columns(tmp_path):
     assert len(fig.axes) == 3 * 4
     assert [ax.get_title() for ax in fig.axes[:4:1]][0] == "input (H&E)"
     assert_png(plots.save(fig, tmp_path / "grid.png"))
+
+
+def test_schedules_one_panel_per_mutated_key_and_a_dot_per_exploit(tmp_path):
+    """A PBT search's `schedule/<key>` metrics: each member's value over epochs."""
+    records = []
+    for i, (before, after) in enumerate([(10.0, 10.0), (2.0, 12.0)]):  # member 1 exploits at 3
+        fixed = {"trial": f"trial_{i:03d}", "number": i, "run_id": f"r{i}", "status": "finished",
+                 "state": "COMPLETE", "loss.lambda_cycle": before}
+        rows = [{"epoch": e, "_ms": 1_000 * (10 * i + e), "fd_random": 30.0 - e,
+                 "schedule/loss.lambda_cycle": before if e <= 2 else after,
+                 "schedule/optim.lr_g": 2e-4} for e in range(1, 5)]
+        records.append((fixed, rows))
+    frame = build_frame(records, param_keys=["loss.lambda_cycle"])
+    assert plots.schedule_keys(frame) == ["loss.lambda_cycle", "optim.lr_g"]
+    fig = plots.schedules(frame, log_keys=["optim.lr_g"], chosen="trial_001")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["loss.lambda_cycle", "optim.lr_g"]
+    assert panels[1].get_yscale() == "log"
+    dots = [c for c in panels[0].collections if len(c.get_offsets())]
+    assert [tuple(o) for c in dots for o in c.get_offsets()] == [(3.0, 12.0)]
+    path = plots.save(fig, tmp_path / "schedules.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC

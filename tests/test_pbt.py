@@ -255,6 +255,11 @@ def test_pbt_search_exploits_survives_sigkill_and_deploys(tmp_path):
     info = json.loads((out / "model.json").read_text())
     schedule = info["provenance"]["schedule"]
     assert schedule and schedule[0]["epoch"] == 0 and "loss.lambda_cycle" in schedule[0]["values"]
+    assert main(["best", "pop", "--storage", str(runs), "--tracking-uri", uri]) == 0
+    assert main(["report", "pop", "--storage", str(runs), "--tracking-uri", uri,
+                 "--no-log"]) == 0
+    page = (runs / "pop" / "report.html").read_text()
+    assert "Schedules (population-based training)" in page and "schedules.png" in page
 
 
 @pytest.mark.slow
@@ -273,3 +278,24 @@ def test_pbt_members_exploit_under_the_ray_train_executor(tmp_path):
     schedule = read_meta(list_checkpoints(runs / "poprt" / "trials" / member)[-1])[SCHEDULE]
     assert any(s.get("donor") == exploit["donor"] and s["trial"] == member for s in schedule)
     assert list_checkpoints(runs / "poprt" / "trials" / member)[-1].name.endswith("0004")
+
+
+def test_a_replayed_schedule_sets_each_epochs_values(tmp_path):
+    """`confirm` of a PBT search re-trains a checkpoint's schedule: epoch by
+    epoch, the mutable values in force then (shapes stay the config's)."""
+    from conftest import TINY_BASE
+    from stain_search.config import load_config
+    from stain_search.train import LocalReporter, run_training
+
+    config = load_config(None, {**TINY_BASE, "train.epochs": 3, "train.keep_checkpoints": None})
+    replay = [{"epoch": 0, "trial": "trial_000", "values": {"loss.lambda_cycle": 5.0,
+                                                            "optim.lr_g": 1.0e-4}},
+              {"epoch": 2, "trial": "trial_001", "donor": "trial_000",
+               "values": {"loss.lambda_cycle": 20.0, "optim.lr_g": 5.0e-4,
+                          "model.attention": "gates"}}]  # a shape key is never applied
+    run_training(config, reporter=LocalReporter(tmp_path), device=torch.device("cpu"),
+                 log=lambda m: None, replay=replay)
+    metas = [read_meta(c) for c in list_checkpoints(tmp_path / "checkpoints")]
+    assert [m["config"]["loss"]["lambda_cycle"] for m in metas] == [5.0, 5.0, 20.0]
+    assert [m["metrics"]["lr_g"] for m in metas] == pytest.approx([1e-4, 1e-4, 5e-4])
+    assert {m["config"]["model"]["attention"] for m in metas} == {"none"}

@@ -198,7 +198,7 @@ def test_lock_heartbeat_is_fresh(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["errors", "atomic", "config", "distributed", "pareto",
-                                    "progress"])
+                                    "progress", "pbt"])
 def test_the_foundation_imports_nothing_of_ours_but_errors(module):
     ours = {m for m in _imports(ROOT / "stain_search" / f"{module}.py")
             if m.startswith("stain_search")}

@@ -53,7 +53,8 @@ from stain_search.mirror import pull_newest, pull_trial_scratch, push_checkpoint
 from stain_search.pbt import read_pointer, write_pointer
 from stain_search.search_dir import trial_name
 from stain_search.stopping import is_storage_error, storage_error_message
-from stain_search.study import OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, TAGS, TrialPruning
+from stain_search.study import (OPTUNA_NUMBER, OPTUNA_TRIAL_ID, PARAMS, REPLAY, TAGS,
+                                TrialPruning)
 from stain_search.train import run_training
 
 KEEP_CHECKPOINTS = 2  # per trial, the best by the first objective (+ the newest)
@@ -212,9 +213,11 @@ def run_worker(wctx: WorkerContext, reporter: TrialReporter, *,
             # hand the final result on again, train nothing.
             reporter.report(dict(meta["metrics"]), checkpoint=None, grid=None)
             return
+        schedule = list(wctx.schedule or wctx.replay)
         run_training(config, reporter=reporter, resume=resume, device=device,
                      should_stop=reporter.should_stop, log=_quiet,
-                     meta_extra={"schedule": list(wctx.schedule)} if wctx.schedule else None)
+                     meta_extra={"schedule": schedule} if schedule else None,
+                     replay=list(wctx.replay) or None)
     except TrainingDiverged as err:
         # Retrying a diverged GAN only diverges again: end the trial cleanly
         # with the reason, and let the driver record it as failed.
@@ -271,7 +274,8 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
         tracking.note_exploit(client, run_id, member.exploit)
     wctx = WorkerContext(trial=ctx, config=config, trial_name=name, number=number,
                          study_trial_id=int(tune_config[OPTUNA_TRIAL_ID]), run_id=run_id,
-                         schedule=tuple(member.schedule) if member is not None else ())
+                         schedule=tuple(member.schedule) if member is not None else (),
+                         replay=tuple(tune_config.get(REPLAY) or ()))
     first = ctx.first_objective
     in_trial = ctx.resources.resolved_executor == "in_trial"
     status, error = "finished", None
