@@ -131,10 +131,10 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str],
                     "they stay in the space's `search`)")
     for section, keys in NESTED.items():
         if section in search:
-            body = _mapping(search[section], path=path, key=f"{where}.search.{section}")
-            _check_keys(body, keys, path=path, key=f"{where}.search.{section}",
+            nested = _mapping(search[section], path=path, key=f"{where}.search.{section}")
+            _check_keys(nested, keys, path=path, key=f"{where}.search.{section}",
                         why=" (only the epoch counts scale with a profile)")
-            search[section] = body
+            search[section] = nested
     resources = _mapping(body.get("resources"), path=path, key=f"{where}.resources")
     _check_keys(resources, resource_keys,
                 path=path, key=f"{where}.resources")
