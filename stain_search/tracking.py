@@ -273,6 +273,18 @@ def note_exploit(c, run_id: str, record: dict[str, Any]) -> int:
     return count
 
 
+def recorded_exploits(c, run_id: str) -> set[str]:
+    """The ids of the exploits the member's run holds."""
+    tags = c.get_run(run_id).data.tags
+    out = set()
+    for k in range(1, int(tags.get(EXPLOITS, "0")) + 1):
+        try:
+            out.add(json.loads(tags.get(f"stain_search.exploit.{k}", "{}")).get("id"))
+        except ValueError:  # cut at the tag limit
+            continue
+    return out - {None}
+
+
 def note_node(c, run_id: str, node_id: str) -> None:
     """The Ray node rank 0 of the trial runs on (re-set when the trial restarts)."""
     c.set_tag(run_id, NODE, node_id)

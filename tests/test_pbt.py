@@ -176,6 +176,12 @@ def test_an_exploit_copies_the_donors_newest_checkpoint_once(tmp_path):
     # Tune hands the same pointer again after a restart: no second exploit.
     again = start_member(**args)
     assert again.exploit is None and again.schedule == copied[SCHEDULE]
+    # Killed after the copy, before MLflow had it: the schedule says so, once.
+    from stain_search.exploit import unrecorded
+
+    late = unrecorded(again.schedule, trial="trial_003", recorded=set())
+    assert [(r["epoch"], r["donor"], r["late"]) for r in late] == [(2, "trial_001", True)]
+    assert unrecorded(again.schedule, trial="trial_003", recorded={start.exploit["id"]}) == []
 
 
 # --- a search on the phantom --------------------------------------------------------------
@@ -194,6 +200,15 @@ def _exploits(uri: str, name: str) -> dict[str, list[dict]]:
     return out
 
 
+def _polled_exploits(uri: str, name: str) -> dict[str, list[dict]]:
+    """``_exploits`` while the driver may still be creating the SQLite store's
+    tables (a second client then fails with "table ... already exists"): none yet."""
+    try:
+        return _exploits(uri, name)
+    except tracking.TrackingError:
+        return {}
+
+
 @pytest.mark.slow
 def test_pbt_search_exploits_survives_sigkill_and_deploys(tmp_path):
     space = pbt_space(tmp_path, epochs=8)
@@ -207,7 +222,7 @@ def test_pbt_search_exploits_survives_sigkill_and_deploys(tmp_path):
         for _ in range(400):
             time.sleep(0.5)
             assert proc.poll() is None, "the search ended before any exploit"
-            if (tmp_path / "mlflow.db").exists() and any(_exploits(uri, "pop").values()):
+            if (tmp_path / "mlflow.db").exists() and any(_polled_exploits(uri, "pop").values()):
                 break
         else:
             pytest.fail("no exploit in 200 s")
@@ -259,7 +274,20 @@ def test_pbt_search_exploits_survives_sigkill_and_deploys(tmp_path):
     assert main(["report", "pop", "--storage", str(runs), "--tracking-uri", uri,
                  "--no-log"]) == 0
     page = (runs / "pop" / "report.html").read_text()
-    assert "Schedules (population-based training)" in page and "schedules.png" in page
+    drawn = sorted(p.name for p in (runs / "pop" / "report_figures").iterdir())
+    assert "Schedules (population-based training)" in page and "schedules.png" in drawn, drawn
+
+    # confirm re-trains the best checkpoint's schedule (not its initial draw) with a new seed
+    assert main(["confirm", "pop", "--top", "1", "--seeds", "1", "--storage", str(runs),
+                 "--tracking-uri", uri]) == 0
+    confirm = optuna.load_study(study_name="pop",
+                                storage=storage(runs / "pop" / "confirm" / "study.journal"))
+    replay = confirm.trials[0].user_attrs["pbt.replay"]
+    assert replay == schedule  # the exported (best) checkpoint's
+    last = read_meta(list_checkpoints(runs / "pop" / "confirm" / "trials" / "trial_000")[-1])
+    assert last["schedule"] == replay
+    flat = {f"{s}.{k}": v for s, body in last["config"].items() for k, v in body.items()}
+    assert all(flat[k] == pytest.approx(v) for k, v in replay[-1]["values"].items())
 
 
 @pytest.mark.slow

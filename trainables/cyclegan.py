@@ -270,8 +270,14 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
         searched=params.keys(), checkpoints=ctx.search_dir.trial_location(number),
         tune_trial_id=ray.tune.get_context().get_trial_id(),
         run_name=tracking.trial_run_name(number, params), extra_tags=tune_config.get(TAGS))
-    if member is not None and member.exploit is not None:
-        tracking.note_exploit(client, run_id, member.exploit)
+    if member is not None:
+        if member.exploit is not None:
+            tracking.note_exploit(client, run_id, member.exploit)
+        from stain_search.exploit import unrecorded
+
+        for late in unrecorded(member.schedule, trial=name,
+                               recorded=tracking.recorded_exploits(client, run_id)):
+            tracking.note_exploit(client, run_id, late)  # made before the driver died
     wctx = WorkerContext(trial=ctx, config=config, trial_name=name, number=number,
                          study_trial_id=int(tune_config[OPTUNA_TRIAL_ID]), run_id=run_id,
                          schedule=tuple(member.schedule) if member is not None else (),
