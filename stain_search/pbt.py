@@ -111,6 +111,12 @@ def check_pbt(settings: PBTSettings, params: list, *, algorithm: str, num_sample
         raise err("search.pbt.mutate", "a key is listed twice")
     if num_samples < 2:
         raise err("search.num_samples", f"{algorithm}: the population needs at least 2 members")
+    if algorithm == "pb2":
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise err("search.algorithm", "pb2 fits its GP bandit with scikit-learn, which is "
+                      "not installed: `pip install scikit-learn`, or use algorithm: pbt")
     if pruner != "none":
         raise err("search.early_stopping.pruner", f"{algorithm} replaces pruning (weak members "
                   f"exploit strong ones instead of stopping): use pruner: none")
