@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stain_search import tracking
+from stain_search import mlflow_ui, tracking
 from stain_search.errors import StainSearchError
 
 from stain_search.analysis import flags as flagging
@@ -313,7 +313,7 @@ def trials_table_html(search: Search, analysis: Analysis, *, ui: str, top: int) 
     for i, r in table.iterrows():
         name = html.escape(str(r["trial"]))
         if search.experiment_id and isinstance(r["run_id"], str):
-            url = tracking.run_url(ui, search.experiment_id, r["run_id"])
+            url = mlflow_ui.run_url(ui, search.experiment_id, r["run_id"])
             name = f'<a href="{html.escape(url)}">{name}</a>'
         cells = [str(i + 1), f"{name} (#{_fmt(r['number'])})", _fmt(r["state"] or r["status"]),
                  _fmt(r.get("epochs")), _fmt(r.get("best_epoch"))]

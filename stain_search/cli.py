@@ -214,7 +214,8 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from stain_search.services import serve, server_log
-    from stain_search.tracking import resolve_tracking_uri, ui_links
+    from stain_search.mlflow_ui import ui_links
+    from stain_search.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):  # a tracking server is its own UI

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_space_yaml
-from stain_search import tracking
+from stain_search import mlflow_ui, tracking
 from stain_search.cli import main
 from stain_search.deploy.confirmed import ConfirmedConfig, ConfirmedRun, verdict
 from stain_search.deploy.select import Candidate
@@ -84,7 +84,7 @@ def test_confirm_top2_over_2_seeds_then_best_report_and_export_follow_it(searche
     assert confirm_parent.data.tags[tracking.PARENT] == search_parent.info.run_id
     assert {r.data.tags[tracking.PARENT] for r in runs} == {confirm_parent.info.run_id}
     # `ui --search` still opens the search's own trials, not the newer confirmation's.
-    links = tracking.ui_links(uri, NAME, base="http://127.0.0.1:1")
+    links = mlflow_ui.ui_links(uri, NAME, base="http://127.0.0.1:1")
     assert sdir.read_record().search_id in links["runs"]
     assert confirm_record.search_id not in links["runs"]
     # The search itself is untouched: its own ranking still lists its 2 trials only.

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stain_search import registry, tracking
+from stain_search import mlflow_ui, registry, tracking
 from stain_search.services import alive
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ def test_store_records_what_the_ui_shows(store):
     assert store["names"][1] == "t01 λ=10.6 id=0.54"
     runs = tracking.trial_runs(c, store["experiment"], search=SEARCH)
     assert {r.data.tags[tracking.TUNE_TRIAL] for r in runs} == {"tune0", "tune1", "tune2"}
-    links = tracking.ui_links(store["uri"], SEARCH, base="http://127.0.0.1:1")
+    links = mlflow_ui.ui_links(store["uri"], SEARCH, base="http://127.0.0.1:1")
     ids = {r.info.run_name: r.info.run_id for r in runs}
     best_first = [ids[store["names"][i]] for i in (1, 2, 0)]
     assert "runs=" + urllib.parse.quote(json.dumps(best_first)) in links["compare"]
