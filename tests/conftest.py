@@ -14,9 +14,11 @@ import re
 import select
 import subprocess
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 # The cluster tests' real services (a two-node Ray, an S3 store): registered
@@ -88,6 +90,27 @@ def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float
         os.close(master)
     return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "",
                                    b"".join(chunks).decode(errors="replace"))
+
+
+def wait_until_gone(session: int, *, timeout: float = 120) -> None:
+    """Wait until no live process is left in the process session ``session``
+    (a driver started with ``start_new_session=True`` and SIGKILLed with its
+    group: the Ray it started may take a moment to go). A deadline on that
+    condition, never a fixed sleep."""
+    def left() -> list[str]:
+        found = []
+        for p in psutil.process_iter(["pid", "status", "cmdline"]):
+            try:
+                if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:80]}")
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (still := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not still, f"still running {timeout:.0f} s after the kill: {still}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,11 +50,13 @@ def _cli(root: Path, uri: str, *args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_best_confirmed_before_any_confirmation_says_how(searched, capsys):
+def test_best_confirmed_before_any_confirmation_says_how(searched, tmp_path, capsys):
+    """On a copy of the search without its confirmation, whatever ran before."""
     root, uri = searched
-    if SearchDir.of(root / "runs", NAME).confirmation.exists():
-        pytest.skip("the module's confirmation already ran")
-    assert main(_cli(root, uri, "best", NAME, "--confirmed")) == 2
+    shutil.copytree(root / "runs" / NAME, tmp_path / "runs" / NAME,
+                    ignore=shutil.ignore_patterns("confirm"))
+    assert not SearchDir.of(tmp_path / "runs", NAME).confirmation.exists()
+    assert main(_cli(tmp_path, uri, "best", NAME, "--confirmed")) == 2
     assert f"`stain-search confirm {NAME} --top 3 --seeds 3`" in capsys.readouterr().err
 
 

@@ -28,6 +28,7 @@ import torch
 
 from conftest import tiny_space_yaml
 from stain_search import tracking
+from stain_search.deploy.select import gather
 from stain_search.search_dir import SearchDir
 from stain_search.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                                      read_checkpoint, write_checkpoint)
@@ -263,9 +264,8 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 
 
 def test_deploy_selection_never_picks_a_half_written_checkpoint(tmp_path):
-    select = pytest.importorskip("stain_search.deploy.select")
     _half_written_search(tmp_path)
-    found = select.gather(SearchDir(tmp_path), [], {})
+    found = gather(SearchDir(tmp_path), [], {})
     assert [(c.trial, c.epoch) for c in found] == [("trial_x", 1)]
 
 

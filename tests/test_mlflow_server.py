@@ -17,7 +17,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -186,12 +185,12 @@ def test_a_server_that_is_down_is_one_line_exit_2_and_nothing_written(tmp_path):
 
 
 def test_best_against_a_server_that_is_down_is_one_line(served, tmp_path):
+    """Bounded by the subprocess timeout: a CLI that retried a dead server for
+    minutes would time out and fail here."""
     down = f"http://127.0.0.1:{free_port()}"
-    t0 = time.monotonic()
     done = stain_search("best", "served", "--storage", str(served[1].parent),
                         "--tracking-uri", down, cwd=tmp_path, timeout=120)
     _one_line(done, down)
-    assert time.monotonic() - t0 < 60
 
 
 def most_at_once(runs) -> int:

@@ -21,6 +21,7 @@ import optuna
 import pytest
 import torch
 
+from conftest import wait_until_gone
 from stain_search import tracking
 from stain_search.checkpoint import list_checkpoints, read_meta, write_checkpoint
 from stain_search.cli import main
@@ -110,7 +111,6 @@ def test_explore_keeps_the_recipients_identity_and_the_spaces_bounds(tmp_path, a
     recipient = {PARAMS: {"loss.lambda_cycle": 2.0, "optim.lr_g": 1.0e-4, "model.attention": "none"},
                  OPTUNA_TRIAL_ID: 9, OPTUNA_NUMBER: 3, TAGS: {"stain_search.x": "y"}}
     if algorithm == "pb2":  # PB2 fits its GP on the population's recorded results
-        pytest.importorskip("sklearn")
         scheduler.set_search_properties("frechet", "min")
         scheduler.data = __import__("pandas").DataFrame(
             {"Trial": ["a", "a", "b", "b"], "Time": [1, 2, 1, 2], "R_before": [0, 0, 0, 0],
@@ -231,7 +231,7 @@ def test_pbt_search_exploits_survives_sigkill_and_deploys(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     before = {m: [e["epoch"] for e in ex] for m, ex in _exploits(uri, "pop").items()}
-    time.sleep(3)
+    wait_until_gone(proc.pid)  # the killed driver's Ray is gone too
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]

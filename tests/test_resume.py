@@ -13,7 +13,7 @@ import time
 import optuna
 import pytest
 
-from conftest import tiny_space_yaml
+from conftest import wait_until_gone, tiny_space_yaml
 from stain_search import tracking
 from stain_search.spaces import load_space
 from stain_search.study import load_study
@@ -51,7 +51,7 @@ def test_killed_search_resumes_without_losing_or_repeating(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait(timeout=60)
     first = load_study(spec, journal).trials[0]
-    time.sleep(3)
+    wait_until_gone(proc.pid)  # the killed driver's Ray is gone too
 
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=540)

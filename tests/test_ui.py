@@ -112,13 +112,43 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def expected_job_consumers() -> int:
+    """The huey consumers MLflow's job runner starts: one per job kind, plus one
+    for periodic tasks where those are enabled (mlflow.server.jobs._job_runner)."""
+    from mlflow.environment_variables import MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS
+    from mlflow.server.jobs.utils import _job_name_to_fn_fullname_map
+
+    return len(_job_name_to_fn_fullname_map) + bool(MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS.get())
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline()) if alive(p) else ""
+    except psutil.Error:
+        return ""
+
+
+def wait_for_job_consumers(proc: subprocess.Popen, *, timeout: float = STARTUP_S) -> None:
+    """Until every job consumer is in stain-search's process tree, so the tree
+    the stop is checked against holds them all."""
+    want, found = expected_job_consumers(), 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sum(1 for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "huey_consumer" in _cmdline(p))
+        if found >= want:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{found} of {want} MLflow job consumers started in {timeout} s")
+
+
 def test_sigterm_stops_the_whole_server(tmp_path):
     port = free_port()
     proc = start("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                  "--port", str(port))
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc)
-        time.sleep(2)  # the job consumers start after the first answer
+        wait_for_job_consumers(proc)  # they start after the first answer
     except BaseException:
         kill_tree(proc)
         raise
