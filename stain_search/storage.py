@@ -36,6 +36,16 @@ SCRATCH_ENV = "STAIN_SEARCH_SCRATCH"  # a node's local scratch (default: the tem
 MIRROR_ENV = "STAIN_SEARCH_MIRROR"  # local copies of URI storages (default: ~/.cache)
 
 
+CACHE_ENV = "STAIN_SEARCH_CACHE"
+
+
+def cache_root() -> Path:
+    """This machine's cache (generated phantoms, Inception statistics, the
+    empty MLflow store): ``$STAIN_SEARCH_CACHE``, else ``~/.cache/stain-search``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "stain-search"
+
+
 class StorageUnreachable(StainSearchError):
     """The storage URI cannot be used: no such bucket, refused credentials, no route."""
 

@@ -14,6 +14,7 @@ from stain_search.errors import ConfigError, TrainingDiverged
 from stain_search.evaluate import (COUNT_KEYS, INFO_KEYS, Evaluator, eval_mode, metric_directions,
                                    output_diversity, reported_metrics, sample_grid)
 from stain_search.metrics import frechet
+from stain_search.storage import CACHE_ENV
 
 RANDOM = EvalConfig(feature_extractor="random")
 
@@ -22,7 +23,7 @@ RANDOM = EvalConfig(feature_extractor="random")
 def hermetic(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.delenv(frechet.WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv(frechet.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
 
 
 def smooth_images(n: int, *, seed: int, size: int = 32) -> torch.Tensor:

@@ -15,6 +15,7 @@ from scipy import linalg
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError
 from stain_search.metrics import frechet
+from stain_search.storage import CACHE_ENV
 from stain_search.metrics.frechet import (FeatureSpec, FrechetDistance, build_feature_extractor,
                                           frechet_distance, frechet_distance_to_samples,
                                           reference_key, resolve_feature_extractor)
@@ -39,7 +40,7 @@ def hermetic(tmp_path, monkeypatch):
     """No real weights, cache or network can leak in from the machine running the tests."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.delenv(frechet.WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv(frechet.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
 
     def no_network(*args, **kwargs):
         raise AssertionError("network access attempted")

@@ -64,6 +64,12 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes) — re-copy or delete it")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); give this user read "
+                        f"access (chmod a+r) or remove it from the folder") from None
 
 
 # --- pixel conversion to (H, W, 3) uint8 --------------------------------------

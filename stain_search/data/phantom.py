@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,6 +41,7 @@ from stain_search.data import stain as stain_model
 from stain_search.atomic import atomic_dir
 from stain_search.data.io import write_image
 from stain_search.errors import ConfigError, DataError
+from stain_search.storage import cache_root
 
 # Bump by hand for changes the source hash cannot see (e.g. a library's defaults).
 PHANTOM_VERSION = 1
@@ -401,12 +401,6 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 
 
-def default_cache_dir() -> Path:
-    """``$STAIN_SEARCH_CACHE``, else ``~/.cache/stain-search``."""
-    env = os.environ.get("STAIN_SEARCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stain-search"
-
-
 def _generator_fingerprint(spec: BuiltinDataset) -> str:
     """Parameters + version + this generator's source: any change → a new folder."""
     h = hashlib.sha256(json.dumps({"version": PHANTOM_VERSION, **asdict(spec)},
@@ -428,7 +422,7 @@ def builtin_dataset(name: str, *, cache_dir: str | Path | None = None) -> Path:
         raise ConfigError(f"unknown built-in dataset {name!r}; known: "
                           f"{', '.join(BUILTIN_DATASETS)}")
     spec = BUILTIN_DATASETS[full]
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     target = root / "datasets" / f"{full.removeprefix('builtin:')}-{_generator_fingerprint(spec)}"
     if (target / "phantom.json").is_file():
         return target

@@ -49,6 +49,7 @@ from stain_search.atomic import atomic_path
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError
 from stain_search.progress import progress
+from stain_search.storage import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ logger = logging.getLogger(__name__)
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 WEIGHTS_ENV = "STAIN_SEARCH_FID_WEIGHTS"
-CACHE_ENV = "STAIN_SEARCH_CACHE"
 
 
 # --- the distance itself ---------------------------------------------------------------
@@ -327,11 +327,6 @@ def build_feature_extractor(spec: FeatureSpec, device: torch.device | str) -> nn
 
 # --- the stateful metric -----------------------------------------------------------------
 
-def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stain-search"
-
-
 def reference_key(images: Iterable[torch.Tensor], identity: str) -> str:
     """Hash of the reference crops' 8-bit pixels (and shapes) and the extractor's identity."""
     h = hashlib.sha256(identity.encode())
@@ -355,7 +350,7 @@ class FrechetDistance:
         self.spec = spec
         self.device = torch.device(device)
         self.extractor = extractor if extractor is not None else build_feature_extractor(spec, self.device)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
         self.reference: FrechetStats | None = None
         self.reference_features: np.ndarray | None = None  # (N, D), for the kernel distance
         self.reference_key: str | None = None
