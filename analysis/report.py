@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from stain_search import mlflow_ui, tracking
+from stain_search.atomic import check_replaceable
 from stain_search.errors import StainSearchError
 
 from stain_search.analysis import flags as flagging
@@ -454,8 +455,23 @@ def render_html(search: Search, analysis: Analysis, figures: dict[str, Path], *,
     if extra:
         sections.append("<h2>Notes</h2><ul>" + "".join(extra) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"{GENERATOR}\">"
             f"<title>stain-search report: {e(search.name)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+
+
+GENERATOR = "stain-search report"  # in every page's <head>: the mark of a page we may replace
+
+
+def is_report(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:  # a folder, or unreadable: not ours
+        return False
+    # Pages from before the generator tag carry the title alone.
+    return f'<meta name="generator" content="{GENERATOR}">' in head or \
+        "<title>stain-search report: " in head
 
 
 def ui_for(uri: str, ui: str | None) -> str:
@@ -472,6 +488,8 @@ def write_report(name: str, *, storage: str | Path | None = None,
     """Load the search, analyse it, write the page (and Parquet), log the figures."""
     search = load_search(name, storage=storage, tracking_uri=tracking_uri)
     out = Path(out) if out else search.sdir.report_file
+    if out.exists() or out.is_symlink():  # an earlier report is replaced; nothing else is
+        check_replaceable(out, ours=is_report, what="a report page `stain-search report` wrote")
     parquet_path = save_parquet(search.frame, parquet) if parquet else None
     analysis = analyse(search)
     folder = out.with_name(f"{out.stem}_figures")

@@ -20,7 +20,13 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
+
+from stain_search.errors import StainSearchError
+
+class OutputRefused(StainSearchError):
+    """An output path that --overwrite must not replace."""
+
 
 TMP_PREFIX = ".tmp-"  # every temporary entry starts so: readers skip it, cleaners find it
 
@@ -42,16 +48,55 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if overwrite:
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            elif dest.exists() or dest.is_symlink():
-                dest.unlink()
-        # Onto an empty folder a rename succeeds; onto a non-empty one it fails.
-        os.replace(tmp, dest)
+        if overwrite and (dest.exists() or dest.is_symlink()):
+            _swap_in(tmp, dest)
+        else:  # onto an empty folder a rename succeeds; onto a non-empty one it fails
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """``new`` becomes ``dest``: the old ``dest`` is renamed aside first and
+    only removed once ``new`` stands in its place (if the second rename fails,
+    the old one is put back), so a crash never leaves neither."""
+    old = dest.parent / f"{TMP_PREFIX}old-{dest.name}-{secrets.token_hex(6)}"
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+# Written into every output folder made for a user (a translated folder); an
+# export's own model.json says the same of an export. --overwrite replaces
+# only a folder that says so.
+OUTPUT_MARKER = ".stain-search-output"
+
+
+def check_replaceable(dest: str | Path, *, ours: Callable[[Path], bool], what: str,
+                      guarded: Iterable[str | Path] = ()) -> None:
+    """Refuse (``OutputRefused``) to replace ``dest`` unless it is ``what`` this
+    tool wrote (``ours(dest)``), and never the working folder, a ``guarded``
+    folder (the storage) or a folder above any of them, whatever it holds."""
+    dest = Path(dest).resolve()
+    for folder, name in [(Path.cwd(), "the working folder"),
+                         *((Path(g), "the storage folder") for g in guarded)]:
+        folder = folder.resolve()
+        if dest == folder or dest in folder.parents:
+            where = name if dest == folder else f"a folder above {name} ({folder})"
+            raise OutputRefused(f"{dest}: is {where}; --overwrite never replaces it: choose "
+                                f"another --out")
+    if not ours(dest):
+        raise OutputRefused(f"{dest}: exists and is not {what}; --overwrite replaces only "
+                            f"{what}, never other files: choose another --out, or move it "
+                            f"away yourself")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -134,8 +134,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stain_search.profiles import local_gpus
     from stain_search.search import run_search
     from stain_search.summary import format_summary
+    from stain_search.config import check_name
     from stain_search.spaces import load_space
 
+    if args.name:  # before anything is read or written
+        check_name(args.name, what="--name")
     if args.dry_run or not (args.address or os.environ.get("RAY_ADDRESS")):
         # Before Ray, only this machine's GPUs are known; a cluster's are Ray's to report.
         planned = load_space(args.space, data=args.data, profile=args.profile,

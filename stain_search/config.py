@@ -416,20 +416,83 @@ class UniqueKeySafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+NAME_MAX = 100
+
+
+def check_name(name: str, *, what: str = "search name") -> str:
+    """The one rule for a search's name, wherever it comes from (the space's
+    ``name:``, ``--name``, a verb's NAME): it becomes a folder under the
+    storage, so it is one path segment of letters, digits, '-' and '_'."""
+    name = str(name)
+    plain = name.replace("-", "").replace("_", "")
+    if not name or len(name) > NAME_MAX or not (plain.isalnum() and plain.isascii()) \
+            or name.startswith("-"):
+        raise ConfigError(f"{what} {name!r}: use 1-{NAME_MAX} letters, digits, '-' and '_' "
+                          f"(no '/', '..' or spaces, not starting with '-')")
+    return name
+
+
+# Space and config files are shared between colleagues and downloaded with
+# papers: untrusted input. A hand-written one is a few KiB and a few hundred
+# values; these bounds are far above that and far below what hurts a machine.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, every alias counted as expanded
+
+
+def _expanded_size(root: yaml.Node, *, path: Path) -> int:
+    """How many values the document holds once every alias (``*name``) is
+    expanded, counted without expanding: each node is sized once (a "billion
+    laughs" file is a few dozen nodes that expand to billions of values)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) \
+            else list(node.value) if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            open_.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_VALUES + 1)
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{path}: an alias (line {node.start_mark.line + 1}) refers to a "
+                              f"value that contains it; write the value out instead")
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def read_yaml(path: str | Path) -> Any:
     """Read a YAML file with the safe loader; errors name the file and line.
 
-    A key repeated within one mapping is an error naming both lines.
+    A key repeated within one mapping is an error naming both lines. A file
+    over :data:`MAX_YAML_BYTES`, or one whose aliases expand to more than
+    :data:`MAX_YAML_VALUES` values, is refused before anything is built.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,}-byte "
+                          f"limit for a space or config file; is it the right file?")
     try:
         loader = UniqueKeySafeLoader(path.read_text(encoding="utf-8"))
         try:
-            return loader.get_single_data()
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _expanded_size(node, path=path) > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{path}: its aliases (*name) expand to over {MAX_YAML_VALUES:,} values, "
+                    f"far more than a space or config holds; write the values out instead")
+            return loader.construct_document(node)
         finally:
             loader.dispose()
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a space or config file") from None
     except DuplicateKeyError as err:
         a, b = err.first, err.second
         at = (f"lines {a.line + 1} and {b.line + 1}" if a.line != b.line else

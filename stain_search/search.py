@@ -41,7 +41,7 @@ from ray.tune import Callback
 
 from stain_search import cluster, tracking
 from stain_search.cluster import ray_log_dir, trial_resources
-from stain_search.config import Config
+from stain_search.config import Config, check_name
 from stain_search.context import Pruning, TrialContext
 from stain_search.errors import ConfigError, SearchInterrupted, StorageFull
 from stain_search.console import SearchConsole
@@ -102,16 +102,20 @@ def check_search_dir(spec: SearchSpec, sdir: SearchDir, *, resume: bool) -> Sear
             f"{sdir.where}: a search named {spec.name!r} already exists with a different "
             f"{' and '.join(changed) or 'space'}; pass --name to start a new search "
             f"(results are never mixed)")
+    if is_locked(sdir.lock_file):
+        raise _running(spec, sdir)
     if not resume:
         raise ConfigError(f"{sdir.where}: search {spec.name!r} already exists; pass "
                           f"--resume to continue it (or `stain-search resume {spec.name}`) "
                           f"or --name to start a new one")
-    if is_locked(sdir.lock_file):
-        other = read_driver(sdir.driver_file)
-        who = f"pid {other.pid} on {other.host}, since {other.started}" if other else "another driver"
-        raise ConfigError(f"search {spec.name!r} is running ({who}); wait for it or stop it "
-                          f"before resuming")
     return saved
+
+
+def _running(spec: SearchSpec, sdir: SearchDir) -> ConfigError:
+    other = read_driver(sdir.driver_file)
+    who = f"pid {other.pid} on {other.host}, since {other.started}" if other else "another driver"
+    return ConfigError(f"search {spec.name!r} is running ({who}); wait for it to finish or stop "
+                       f"it, then `stain-search resume {spec.name}` continues it")
 
 
 def check_shared_storage(sdir: SearchDir, *, shared_fs: bool) -> None:
@@ -235,6 +239,8 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     output, as Ray prints them. ``warm_start``: the name of a finished search in
     the same ``storage`` whose best trials a new search starts with. ``shared_fs``:
     a local ``storage`` that every node of a multi-node cluster sees."""
+    if name:
+        check_name(name, what="--name")
     spec = load_space(space, data=data, profile=profile)
     if name:
         spec.name = name
@@ -309,6 +315,10 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
         if sdir.remote is not None:
             sdir.remote.check_writable()  # refused credentials: here, with nothing written
         with DriverLock(sdir.lock_file, sdir.driver_file, name=spec.name):
+            if saved is None and sdir.record_file.exists():  # a driver started in the same instant
+                raise ConfigError(f"{sdir.where}: search {spec.name!r} was started by another "
+                                  f"driver a moment ago; `stain-search status {spec.name}` "
+                                  f"shows it, --name starts a new one")
             return _drive(spec, sdir, saved, budget, base_config, client, uri,
                           address=address, verbose=verbose, live=live, say=say,
                           parent_run=parent_run, warm=warm, fits=fits)
@@ -339,7 +349,8 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     from ray.tune.search import ConcurrencyLimiter
 
     from stain_search.study import (StudySearcher, create_study, fail_stale_trials,
-                                    finished_count, serve_study, unfinished_numbers)
+                                    finished_count, serve_study, set_aside_torn_tail,
+                                    unfinished_numbers)
     from stain_search.study_proxy import driver_host
     from stain_search.trainables.cyclegan import cyclegan_trial
 
@@ -355,6 +366,9 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
                                          "algorithm": spec.search.algorithm,
                                          **({tracking.WARM_START: warm.source} if warm else {})}
                         if saved is None else {})
+    torn = set_aside_torn_tail(sdir.study_journal)  # never append onto a partial line
+    if torn:
+        say(torn)
     study = create_study(spec, sdir.study_journal, warm=warm.points if warm else ())
     unfinished = unfinished_numbers(study)  # interrupted: continued first
     new = max(0, budget.num_samples - finished_count(study) - len(unfinished))

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from stain_search.atomic import atomic_write_text
+from stain_search.config import check_name
 from stain_search.errors import ConfigError
 from stain_search.storage import Remote, is_uri, local_path, mirror_of
 from stain_search.constraints import Constraint
@@ -189,6 +190,7 @@ class SearchDir:
 
     @classmethod
     def of(cls, storage: str | Path | None, name: str) -> "SearchDir":
+        check_name(name)
         storage = storage_or_default(storage)
         if is_uri(storage):
             remote = Remote(str(storage)).join(name)

@@ -352,9 +352,7 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
         if key not in TOP_KEYS:
             raise _err(path, str(key), f"unknown key{cfg.suggest(str(key), list(TOP_KEYS))} "
                        f"(known: {', '.join(TOP_KEYS)})")
-    name = str(raw.get("name") or path.stem)
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise _err(path, "name", f"{name!r}: use letters, digits, '-' and '_' only")
+    name = cfg.check_name(str(raw.get("name") or path.stem), what=f"{path}: `name`:")
     types = {f"{s}.{k}": t for s, c in cfg.SECTIONS.items() for k, t in cfg.field_types(c).items()}
     base = _flatten_base(_mapping(raw.get("base"), path=path, key="base"), path=path)
     if raw.get("data") is not None:

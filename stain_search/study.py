@@ -47,6 +47,7 @@ import json
 from dataclasses import dataclass
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +89,46 @@ def storage(path: Path) -> optuna.storages.JournalStorage:
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def set_aside_torn_tail(path: Path) -> str | None:
+    """A journal whose last record was cut off (a crash mid-append): move the
+    partial line to ``<journal>.torn`` and keep every whole record, so the next
+    append starts on a line of its own. The driver calls it, under its lock,
+    before anything appends; returns the line to tell the user, or None.
+
+    A last line that is whole JSON and only lacks its newline gets the newline."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    if tail.endswith(b"\n"):
+        return None
+    cut = tail.rfind(b"\n")
+    partial = tail[cut + 1:]
+    keep = size - len(partial)
+    try:
+        json.loads(partial)
+    except ValueError:
+        pass
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
+        return None
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(partial + b"\n")
+        os.fsync(f.fileno())
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        os.fsync(f.fileno())
+    return (f"{path}: its last record was cut off ({len(partial)} bytes, a crash mid-write); "
+            f"moved it to {torn.name} and kept the {keep} bytes before it")
 
 
 def stored_constraints(count: int) -> Callable[[optuna.trial.FrozenTrial], tuple[float, ...]]:

@@ -45,6 +45,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from stain_search.errors import StainSearchError
+from stain_search.mlflow_store import BrokenStore, ensure_store
 
 ROLE, SEARCH, TRIAL, STATUS, ERROR = ("stain_search.role", "stain_search.search",
                                       "stain_search.trial", "stain_search.status",
@@ -102,7 +103,15 @@ def client(uri: str):
     """An MlflowClient, after a cheap check that the store answers."""
     from mlflow.tracking import MlflowClient
 
-    try:  # the constructor already opens (and may create) a SQLite store
+    try:  # a new SQLite store is made whole, once, even by two drivers at once
+        ensure_store(uri)
+    except BrokenStore as err:
+        raise TrackingError(str(err)) from None
+    except OSError as err:
+        raise TrackingError(f"MLflow tracking store {uri!r} cannot be created: {err.strerror} "
+                            f"({err.filename}); pass a --tracking-uri in a writable "
+                            f"folder") from None
+    try:  # the constructor opens the store (and upgrades an older schema)
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         with _fail_fast(uri):
             c.search_experiments(max_results=1)

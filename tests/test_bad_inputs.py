@@ -16,6 +16,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -265,6 +266,12 @@ def duplicate_train_key(env: Env) -> list[str]:
                      + yaml.safe_dump(config, sort_keys=False))
 
 
+# "Billion laughs": nine levels of nine aliases, about 387 million strings
+# once expanded, in a free-text key; a few hundred bytes on disk.
+ALIAS_BOMB = "name: bad\ndescription: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"x{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
 @dataclass
 class Row:
     id: str
@@ -285,6 +292,19 @@ ROWS = [
         ("nope.yaml", "no such")),
     Row("top-key-misspelt", space_with(x=_rename_top("search", "serach")), ("serach", "search")),
     Row("name-invalid", space_with(name="bad name!"), ("`name`",)),
+    Row("name-flag-escapes", lambda e: e.run(valid_space(e.data), "--name", "../../escaped"),
+        ("--name", "'../../escaped'", "letters, digits")),
+    Row("name-flag-too-long", lambda e: e.run(valid_space(e.data), "--name", "n" * 101),
+        ("--name", "1-100")),
+    Row("name-verb-escapes", lambda e: ["best", "../x", "--storage", str(e.tmp / "runs"),
+                                        "--tracking-uri", e.uri], ("search name", "'../x'")),
+    Row("name-export-escapes", lambda e: ["export", "a/b", "--out", str(e.tmp / "out"),
+                                          "--storage", str(e.tmp / "runs")],
+        ("search name", "'a/b'")),
+    Row("yaml-alias-bomb", lambda e: e.run(ALIAS_BOMB), ("space.yaml", "aliases", "100,000")),
+    Row("yaml-recursive-alias", lambda e: e.run("name: bad\ndescription: &a [1, *a]\n"),
+        ("space.yaml", "alias", "contains it")),
+    Row("yaml-too-large", lambda e: e.run("# padding\n" * 120_000), ("space.yaml", "bytes", "limit")),
     # --- keys and types
     Row("space-key-misspelt", space_with(x=_param("loss.lamda_cycle",
                                                   {"distribution": "uniform", "low": 1, "high": 5})),
@@ -512,17 +532,30 @@ def test_bad_input_end_to_end_has_no_traceback(row, env):
     check_nothing_written(env, before)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads files whatever their mode")
-def test_unreadable_image_is_one_line(env, guard, capsys):
+# Root reads a file whatever its mode (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), and CI
+# runs as root: the CLI then runs without those two capabilities, as any user would.
+WITHOUT_READ_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                         "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_unreadable_image_is_one_line(env):
     target = env.data / "trainA" / "img0.png"
+    argv = [str(a) for a in env.run(valid_space(env.data))]
+    before = snapshot(env.tmp / "runs")
     target.chmod(0)
     try:
-        code = cli.main(env.run(valid_space(env.data)))
+        as_user = WITHOUT_READ_OVERRIDE if os.geteuid() == 0 else []
+        done = subprocess.run([*as_user, sys.executable, "-W", "ignore", "-m", "stain_search.cli",
+                               *argv],
+                              cwd=env.tmp, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
     finally:
         target.chmod(0o644)
-    assert code == 2
-    check_one_line(capsys.readouterr().err, ("img0.png",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert [l for l in lines if l.startswith("stain-search: error: ")] == lines[-1:], done.stderr
+    check_one_line(lines[-1], ("img0.png",))
+    check_nothing_written(env, before)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "L", "LA", "RGBA"])
@@ -552,3 +585,197 @@ def test_a_bad_study_port_is_one_line_before_anything_is_written(env, guard, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert "STAIN_SEARCH_STUDY_PORT='99999'" in err[-1] and "1-65535" in err[-1], err
     assert snapshot(env.tmp / "runs") == before
+
+
+# --- issue 23: nothing the user owns is lost --------------------------------------
+
+def _journal_with_trials(tmp_path: Path) -> tuple[Path, object]:
+    from conftest import tiny_space_yaml
+    from stain_search.study import create_study
+
+    space = tmp_path / "j.yaml"
+    space.write_text(tiny_space_yaml(name="j"))
+    spec = load_space(space)
+    journal = tmp_path / "study.journal"
+    study = create_study(spec, journal)
+    for value in (0.3, 0.2):
+        t = study.ask()
+        t.report(value, 1)
+        study.tell(t, value)
+    return journal, spec
+
+
+def test_a_torn_journal_tail_is_set_aside_at_every_offset(tmp_path):
+    """A crash mid-append leaves part of the last record: at every byte it can be
+    cut at, the whole records are kept, the partial one is moved to
+    ``study.journal.torn``, and the study takes new records again."""
+    import optuna
+
+    from stain_search.study import create_study, set_aside_torn_tail, storage
+
+    journal, spec = _journal_with_trials(tmp_path)
+    whole = journal.read_bytes()
+    last = whole.rstrip(b"\n").rfind(b"\n") + 1  # where the last record starts
+    torn = journal.with_name("study.journal.torn")
+    for cut in range(last + 1, len(whole)):
+        journal.write_bytes(whole[:cut])
+        torn.unlink(missing_ok=True)
+        said = set_aside_torn_tail(journal)
+        if cut == len(whole) - 1:  # only the newline lost: the record is whole
+            assert said is None and journal.read_bytes() == whole, cut
+        else:
+            assert said and "study.journal.torn" in said, cut
+            assert journal.read_bytes() == whole[:last], cut
+            assert torn.read_bytes() == whole[last:cut] + b"\n", cut
+        kept = len(optuna.load_study(study_name="j", storage=storage(journal)).trials)
+        study = create_study(spec, journal)  # a resume appends a new trial cleanly
+        study.tell(study.ask(), 0.1)
+        after = optuna.load_study(study_name="j", storage=storage(journal)).trials
+        assert len(after) == kept + 1 and after[-1].value == 0.1, cut
+        assert set_aside_torn_tail(journal) is None, cut  # whole again
+
+
+def test_the_alias_bomb_is_refused_quickly_in_bounded_memory(tmp_path):
+    """Reading it in a fresh interpreter capped at 1 GiB of address space and
+    bounded by the subprocess timeout: an expansion would blow either."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30)); "
+            "from stain_search.config import read_yaml\n"
+            "try: read_yaml(sys.argv[1])\n"
+            "except Exception as e: print(type(e).__name__, e); sys.exit(2)")
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.startswith("ConfigError") and "aliases" in done.stdout, done.stdout
+
+
+OPEN_STORE = ("import os, sys, time\nfrom stain_search import tracking\n"
+              "open(sys.argv[1] + f'.ready-{os.getpid()}', 'w').close()\n"
+              "while not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
+              "tracking.get_or_create_experiment(tracking.client(sys.argv[2]), 'e', uri=sys.argv[2])")
+
+
+def test_stores_created_by_two_processes_at_once_are_whole(tmp_path):
+    """Three fresh folders, two processes each opening the same new SQLite store
+    in the same instant (as two drivers started together do): every process
+    succeeds, and every store is whole and usable afterwards. Before the store
+    was made under a lock, one of each pair failed, and the file was left
+    half-migrated ("table _alembic_tmp_experiments already exists")."""
+    from stain_search import tracking
+    from stain_search.mlflow_store import _tables
+
+    go = tmp_path / "go"
+    stores = [tmp_path / f"pair{i}" / "mlflow.db" for i in range(3)]
+    procs = []
+    for db in stores:
+        db.parent.mkdir()
+        procs += [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go), f"sqlite:///{db}"],
+                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("go.ready-*"))) < len(procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    go.touch()
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), [e[-2000:] for e in errors]
+    for db in stores:
+        assert not any(t.startswith("_alembic_tmp_") for t in _tables(db)), db
+        assert tracking.client(f"sqlite:///{db}").get_experiment_by_name("e") is not None
+        assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]  # nothing left beside it
+
+
+def test_a_half_migrated_store_is_set_aside_or_named(tmp_path):
+    """A store a crash left mid-migration: holding nothing, it is set aside and
+    made again; holding experiments, the one line names it and the fix."""
+    import sqlite3
+
+    from stain_search import tracking
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE _alembic_tmp_experiments (x INTEGER)")
+    con.close()
+    c = tracking.client(f"sqlite:///{db}")
+    assert c.search_experiments()[0].name == "Default"
+    assert [p.name for p in tmp_path.glob("mlflow.db.broken-*")]
+    # Holding an experiment of the user's: never set aside, one line with the fix.
+    tracking.get_or_create_experiment(c, "kept", uri=f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE _alembic_tmp_runs (x INTEGER)")
+    con.close()
+    with pytest.raises(tracking.TrackingError, match=r"half-upgraded.*1 experiment.*mlflow db upgrade"):
+        tracking.client(f"sqlite:///{db}")
+    assert db.exists()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _export(finished_search, *args: str) -> list[str]:
+    return ["export", finished_search.name, "--storage", str(finished_search.search_dir.parent),
+            "--tracking-uri", finished_search.tracking_uri, "--no-register", *args]
+
+
+def test_export_overwrite_never_deletes_what_the_user_owns(finished_search, tmp_path,
+                                                           monkeypatch, capsys):
+    """`--overwrite` onto a folder that is not an export, onto the working folder,
+    onto the storage folder: refused in one line, every file untouched. Onto an
+    earlier export it replaces it, and every file of an export has one mode."""
+    monkeypatch.chdir(tmp_path)
+    keep = tmp_path / "keep"
+    (keep / "sub").mkdir(parents=True)
+    (keep / "notes.txt").write_text("hi")
+    (tmp_path / "mine.txt").write_text("my own file")
+    before = _files(tmp_path)
+    for out, says in ((keep, "is not an export folder"), (tmp_path, "the working folder"),
+                      (Path("."), "the working folder"),
+                      (finished_search.search_dir.parent, "the storage folder"),
+                      (finished_search.root, "a folder above the storage folder")):
+        assert cli.main(_export(finished_search, "--out", str(out), "--overwrite")) == 2, out
+        check_one_line(capsys.readouterr().err, ("--overwrite", says.split()[-1]))
+        assert _files(tmp_path) == before, out
+    assert (finished_search.search_dir / "search.json").is_file()
+
+    first = tmp_path / "exported"
+    assert cli.main(_export(finished_search, "--out", str(first))) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in first.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # generator.safetensors is not 0600
+    assert cli.main(_export(finished_search, "--out", str(first), "--overwrite")) == 0
+    assert (first / "model.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_translate_and_report_replace_only_their_own_output(finished_search, tmp_path,
+                                                            monkeypatch, capsys):
+    """`translate --overwrite` onto a folder it did not write, and `report --out`
+    onto a page it did not write: one line, nothing changed."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "he"
+    _png(src / "a.png", size=64)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    page = tmp_path / "page.html"
+    page.write_text("<html>my notes</html>")
+    before = _files(tmp_path)
+    exported = tmp_path / "model"
+    assert cli.main(_export(finished_search, "--out", str(exported))) == 0
+    capsys.readouterr()
+    assert cli.main(["translate", str(exported), str(src), str(theirs), "--overwrite",
+                     "--no-progress"]) == 2
+    check_one_line(capsys.readouterr().err, ("theirs", "is not a folder `stain-search translate`"))
+    assert cli.main(["report", finished_search.name, "--storage",
+                     str(finished_search.search_dir.parent), "--tracking-uri",
+                     finished_search.tracking_uri, "--out", str(page)]) == 2
+    check_one_line(capsys.readouterr().err, ("page.html", "not a report page"))
+    after = _files(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("model/")} == before
+    # Its own earlier output is replaced.
+    out = tmp_path / "stained"
+    for _ in range(2):
+        assert cli.main(["translate", str(exported), str(src), str(out), "--overwrite",
+                         "--no-progress", "--min-tissue", "0"]) == 0
+    assert (out / "a.png").is_file()

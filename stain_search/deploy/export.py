@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,12 +42,12 @@ from torch import nn
 from stain_search.pbt import SCHEDULE
 from stain_search.search_dir import SearchDir
 from stain_search import __version__
-from stain_search.atomic import atomic_dir
+from stain_search.atomic import atomic_dir, check_replaceable
 from stain_search.checkpoint import read_checkpoint
 from stain_search.config import ModelConfig
 # load_model is re-exported: `from stain_search.deploy.export import load_model` predates
 # model_io and callers (the lead's select tests) still use it.
-from stain_search.deploy.model_io import (FORMAT, INFO_FILE, WEIGHTS_FILE, ModelError,  # noqa: F401
+from stain_search.deploy.model_io import (FORMAT, INFO_FILE, WEIGHTS_FILE, ModelError, is_export,  # noqa: F401
                                           load_model, model_config, read_export, sha256)
 from stain_search.deploy.translate import Translator, pick_device
 from stain_search.data.prepare import manifest_mpp
@@ -166,17 +167,28 @@ def write_portable(net: nn.Module, folder: Path, fmt: str, *, depth: int,
     return None
 
 
+def check_out(out: Path, *, overwrite: bool, guarded: tuple[Path, ...] = ()) -> None:
+    """Before any work: ``out`` is new, or an earlier export that --overwrite replaces."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise ModelError(f"{out}: already exists; pass --overwrite or choose another --out")
+    check_replaceable(out, ours=is_export, what="an export folder (one holding the model.json "
+                      "that `stain-search export` writes)", guarded=guarded)
+
+
 def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | Path, *,
                  provenance: dict[str, Any], portable: str = "auto",
                  overwrite: bool = False, data: dict[str, Any] | None = None,
-                 on_step: Step = _no_step) -> Path:
+                 on_step: Step = _no_step, guarded: tuple[Path, ...] = ()) -> Path:
     """Write an export folder for G's ``state`` (built under a temporary name,
-    renamed into place at the end); ``on_step`` hears what runs now."""
+    renamed into place at the end); ``on_step`` hears what runs now.
+    ``overwrite`` replaces only an earlier export, never the working folder or
+    a ``guarded`` one (the storage), nor a folder above them."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ModelError(f"{out}: already exists; pass --overwrite or choose another --out")
+    check_out(out, overwrite=overwrite, guarded=guarded)
     net = build_generator(model).eval()
     try:
         net.load_state_dict(state, strict=True)
@@ -206,14 +218,18 @@ def write_export(state: dict[str, torch.Tensor], model: ModelConfig, out: str | 
             "stain_reference": (data or {}).get("stain_reference"),
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        for name in files:  # safetensors writes 0600; every file of an export has the umask's mode
+            shutil.copymode(tmp / INFO_FILE, tmp / name)
     return out
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
                       provenance: dict[str, Any] | None = None, portable: str = "auto",
-                      overwrite: bool = False, on_step: Step = _no_step) -> Path:
+                      overwrite: bool = False, on_step: Step = _no_step,
+                      guarded: tuple[Path, ...] = ()) -> Path:
     """A training checkpoint (``checkpoint_epoch_XXXX/``) → an export folder."""
     checkpoint = Path(checkpoint)
+    check_out(Path(out), overwrite=overwrite, guarded=guarded)
     on_step("reading the checkpoint")
     state, meta = read_checkpoint(checkpoint)
     if not isinstance(state, dict) or "G" not in state:
@@ -228,7 +244,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *,
     on_step("stain statistics of the training data")
     data = training_data(data_cfg)
     return write_export(state["G"], model, out, provenance=prov, portable=portable,
-                        overwrite=overwrite, data=data, on_step=on_step)
+                        overwrite=overwrite, data=data, on_step=on_step, guarded=guarded)
 
 
 def training_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -417,8 +433,10 @@ def export_search(name: str, *, storage: str | Path | None = None,
                       "trial_state": chosen.state, "mlflow_run_id": chosen.run_id,
                       "params": chosen.params, "rank": chosen.rank, "confirmed": confirmed,
                       "objectives": [{"metric": m, "mode": mode} for m, mode in objectives]}
+        guarded = (sdir.root.parent,) if sdir.remote is None else ()
         folder = export_checkpoint(chosen.checkpoint, out, provenance=provenance,
-                                   portable=portable, overwrite=overwrite, on_step=step)
+                                   portable=portable, overwrite=overwrite, on_step=step,
+                                   guarded=guarded)
         registered = None
         if register:
             step("registering the model in MLflow")

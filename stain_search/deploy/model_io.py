@@ -36,6 +36,15 @@ class ModelError(StainSearchError):
 
 # --- the export folder --------------------------------------------------------------
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is an export this tool wrote: its model.json names
+    the format. The marker `export --overwrite` asks for before replacing it."""
+    try:
+        return json.loads((Path(folder) / INFO_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @dataclass
 class ExportedModel:
     """An export (or a training checkpoint) loaded into memory."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stain_search.atomic import atomic_dir
+from stain_search.atomic import OUTPUT_MARKER, atomic_dir, check_replaceable
 from stain_search.data.io import is_image_file, write_image
 from stain_search.data.prepare import tissue_mask, tissue_threshold
 from stain_search.data.slides import (SLIDE_EXTENSIONS, ArraySource, SlideSource, TiffSource,
@@ -370,12 +370,16 @@ def translate_path(translator: Translator, src: str | Path, dst: str | Path, *,
         if dst.is_dir():
             raise DataError(f"{dst}: is a folder; give an output file name (e.g. out.ome.tif)")
         return [translator.translate_file(src, dst, mpp=mpp, level=level)]
+    if dst.exists() or dst.is_symlink():  # a folder is replaced only if it is an earlier output
+        check_replaceable(dst, ours=lambda d: (d / OUTPUT_MARKER).is_file(),
+                          what="a folder `stain-search translate` wrote")
     files = sorted(p for p in src.iterdir() if is_image_file(p) or (
         p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS))
     if not files:
         raise DataError(f"{src}: no images or slides to translate (extensions: "
                         f"{', '.join(sorted(SLIDE_EXTENSIONS | {'.png', '.jpg'}))} ...)")
     with atomic_dir(dst) as tmp:
+        (tmp / OUTPUT_MARKER).write_text(f"written by `stain-search translate` from {src}\n")
         for path in files:
             translator.translate_file(path, tmp / output_name(path), mpp=mpp, level=level)
     return [dst / output_name(p) for p in files]

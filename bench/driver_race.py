@@ -1,0 +1,118 @@
+"""Two drivers started in the same instant in a fresh folder, many times over.
+
+Each pair gets a fresh folder and runs ``stain-search run tiny.yaml`` twice at
+once (both processes wait on one start signal, so they reach the MLflow store
+and the search folder together). Every pair must end with:
+
+- exactly one driver that ran the search (exit 0) and one refused in one line
+  (exit 2, ``stain-search: error: …``), never a traceback;
+- one search folder holding one finished search;
+- an MLflow store that a third command opens (``stain-search status NAME``
+  exits 0) and whose experiment holds one search run.
+
+Run by hand (a pair is a tiny one-trial search, ~30-60 s on 2 cores):
+
+    python bench/driver_race.py --pairs 50        # the acceptance run
+    python bench/driver_race.py --pairs 3         # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import begin, finish, format_table  # noqa: E402
+
+SPACE = textwrap.dedent("""\
+    name: race
+    data: builtin:phantom-trichrome
+    base: {data.crop: 32, data.batch_size: 2, data.eval_crops: 4, model.depth: 3, model.ngf: 8,
+           model.ndf: 8, model.d_blocks: 2, train.epochs: 1, train.steps_per_epoch: 1}
+    space:
+      loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}
+    objective: {metric: frechet, mode: min}
+    search: {algorithm: random, num_samples: 1, max_concurrent: 1, seed: 0,
+             early_stopping: {pruner: none}}
+    resources: {workers_per_trial: 1, cpus_per_worker: 1}
+    """)
+# Each driver imports the CLI, says it is ready (a file), then blocks until the
+# start file appears: both then run from the same instant.
+START = ("import os, sys, time\nfrom stain_search.cli import main\n"
+         "open(sys.argv[1] + f'.ready-{os.getpid()}', 'w').close()\n"
+         "while not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
+         "sys.exit(main(sys.argv[2:]))")
+
+
+def wait_ready(go: Path, count: int, procs, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(go.parent.glob(go.name + ".ready-*"))) < count:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("a driver did not start")
+        time.sleep(0.05)
+
+
+def one_pair(folder: Path, env: dict[str, str], timeout: float) -> dict:
+    (folder / "tiny.yaml").write_text(SPACE)
+    go = folder / "go"
+    argv = [sys.executable, "-c", START, str(go), "run", "tiny.yaml"]
+    procs = [subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    wait_ready(go, 2, procs)
+    go.touch()
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    refused = [err.strip().splitlines() for (_, err), p in zip(outs, procs) if p.returncode == 2]
+    one_line = bool(refused) and all(lines and lines[-1].startswith("stain-search: error: ")
+                                     and "Traceback" not in "\n".join(lines) for lines in refused)
+    status = subprocess.run([sys.executable, "-m", "stain_search.cli", "status", "race"],
+                            cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    from stain_search import tracking
+
+    c = tracking.client(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("race")
+    parents = [r for r in c.search_runs([exp.experiment_id])
+               if r.data.tags.get(tracking.ROLE) == "search"] if exp else []
+    ok = codes == [0, 2] and one_line and status.returncode == 0 and len(parents) == 1
+    return {"codes": codes, "one_line": one_line, "status_rc": status.returncode,
+            "search_runs": len(parents), "ok": ok,
+            "refusal": refused[0][-1] if refused and refused[0] else ""}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per pair")
+    ap.add_argument("--json", help="where to write the record (default bench/results/)")
+    args = ap.parse_args()
+    info = begin("driver_race", None)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="driver-race-") as tmp:
+        env.setdefault("STAIN_SEARCH_CACHE", str(Path(tmp) / "cache"))
+        for i in range(args.pairs):
+            folder = Path(tmp) / f"pair-{i:03d}"
+            folder.mkdir()
+            t0 = time.perf_counter()
+            row = {"pair": i, **one_pair(folder, env, args.timeout),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(f"pair {i}: {'ok' if row['ok'] else 'FAILED'} {row['codes']} {row['refusal'][:120]}",
+                  flush=True)
+    good = sum(r["ok"] for r in rows)
+    print(format_table(rows, ["pair", "codes", "one_line", "status_rc", "search_runs", "ok",
+                              "seconds"]))
+    print(f"{good} of {len(rows)} pairs ended with one search and a usable store")
+    finish("driver_race", args.json, info, {"pairs": len(rows), "ok": good, "rows": rows})
+    return 0 if good == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
