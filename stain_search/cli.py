@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     config_path = resolve_config_path(args.config)
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, overrides_from="--set")
     d = config.data
     # Pre-flight before the results folder exists: every image decodes.
     verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
@@ -418,7 +418,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if args.weights_command == "fetch":
         fetch_weights(args.to, url=args.url)
         return 0
-    config = load_config(resolve_config_path(args.config), parse_overrides(args.set))
+    config = load_config(resolve_config_path(args.config), parse_overrides(args.set),
+                         overrides_from="--set")
     print("\n".join(weights_status(config)))
     return 0
 

@@ -9,6 +9,21 @@ from __future__ import annotations
 import argparse
 
 
+def at_least(low: int):
+    """An argparse type: a whole number ``low`` or more (``--top -3`` is a mistake,
+    not a request for minus three rows)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
 def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset folder or builtin:NAME (overrides the space's data)")
     p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
@@ -19,8 +34,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="--storage is a local path every node of the --address cluster sees "
                    "(NFS, Lustre...); without it a multi-node cluster needs a URI storage, "
                    "e.g. s3://bucket/runs")
-    p.add_argument("--num-samples", type=int, help="override search.num_samples")
-    p.add_argument("--max-concurrent", type=int, help="override search.max_concurrent")
+    p.add_argument("--num-samples", type=at_least(1), help="override search.num_samples")
+    p.add_argument("--max-concurrent", type=at_least(1), help="override search.max_concurrent")
     p.add_argument("--profile", help="the space's scale, e.g. demo or gpu (default: gpu "
                    "where a GPU is visible, else demo; `stain-search spaces` lists them)")
     p.add_argument("--warm-start", metavar="OTHER_SEARCH",
@@ -59,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: quickstart)")
     p.add_argument("--data", help="dataset folder or builtin:NAME (overrides data.path)")
     p.add_argument("--out", help="results folder (default: stain-search-runs/train-<config>)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=at_least(1), help="override train.epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key, e.g. --set loss.lambda_cycle=5")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -104,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("confirm", help="re-train a search's top trials with new seeds: "
                        "mean ± std per configuration, and whether the ranking holds")
     p.add_argument("name", help="search name")
-    p.add_argument("--top", type=int, default=3, help="configurations to confirm: the "
+    p.add_argument("--top", type=at_least(1), default=3, help="configurations to confirm: the "
                    "search's best K trials by the deploy rule (default 3)")
-    p.add_argument("--seeds", type=int, default=3, help="new train.seed values per "
+    p.add_argument("--seeds", type=at_least(1), default=3, help="new train.seed values per "
                    "configuration (default 3; the same seeds for every configuration)")
     p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
                    "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")
@@ -114,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--shared-fs", action="store_true",
                    help="--storage is a local path every node of the cluster sees")
-    p.add_argument("--max-concurrent", type=int, help="runs at once (default: the search's)")
+    p.add_argument("--max-concurrent", type=at_least(1), help="runs at once (default: the search's)")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="Ray Tune's own tables and every run's output")
@@ -157,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store (default: ./mlflow.db, SQLite)")
     p.add_argument("--out", help="HTML file (default: <storage>/<name>/report.html)")
     p.add_argument("--parquet", help="also save all trials × epochs as this Parquet file")
-    p.add_argument("--top", type=int, default=10, help="rows in the top-trials table")
+    p.add_argument("--top", type=at_least(1), default=10, help="rows in the top-trials table")
     p.add_argument("--ui-url", help="MLflow UI the run links point to "
                    "(default: the tracking server, or http://127.0.0.1:5000)")
     p.add_argument("--no-log", action="store_true",
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", help="rank a search's trial × epoch checkpoints "
                        "(objectives, constraints, Pareto front)")
     p.add_argument("name", help="search name")
-    p.add_argument("--top", type=int, default=10, help="rows to show (0: all; default 10)")
+    p.add_argument("--top", type=at_least(0), default=10, help="rows to show (0: all; default 10)")
     add_selection_options(p)
     p.add_argument("--per-trial", action="store_true", help="only each trial's best checkpoint")
     p.add_argument("--confirmed", action="store_true", help="rank the configurations "

@@ -507,9 +507,12 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Load a training config YAML (or the defaults) and apply dotted overrides."""
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, *,
+                overrides_from: str | None = None) -> Config:
+    """Load a training config YAML (or the defaults) and apply dotted overrides;
+    an override's error names ``overrides_from`` (e.g. ``--set``), not the file."""
     config = from_dict(read_yaml(path), where=str(path)) if path else Config()
     if overrides:
-        config = apply_overrides(config, overrides, where=str(path or "overrides")).validate()
+        where = overrides_from or str(path or "overrides")
+        config = apply_overrides(config, overrides, where=where).validate()
     return config

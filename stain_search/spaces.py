@@ -247,8 +247,14 @@ def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) ->
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices:
             raise _err(path, f"{where}.choices", "a choice needs a non-empty list of options")
-        for c in choices:  # every option must be a valid value of the training key
-            cfg.coerce(c, types[key], key=key, where=f"{path}: space.")
+        values = [cfg.coerce(c, types[key], key=key, where=f"{path}: space.") for c in choices]
+        repeated = sorted({repr(c) for c, v in zip(choices, values) if values.count(v) > 1})
+        if repeated:  # Optuna would draw a repeated option more often than the others
+            raise _err(path, f"{where}.choices", f"{', '.join(repeated)} listed more than once: "
+                       f"list each option once")
+        if len(choices) == 1:
+            raise _err(path, f"{where}.choices", f"one option ({choices[0]!r}) explores nothing: "
+                       f"fix `{key}: {choices[0]}` in `base`, or add options")
         return Param(key, dist, choices=tuple(choices), when=when)
     for k in ("low", "high"):
         if k not in body:
@@ -263,6 +269,9 @@ def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) ->
         raise _err(path, where, "low and high must be finite")
     if low > high:
         raise _err(path, where, f"low ({low}) is above high ({high})")
+    if low == high:
+        raise _err(path, where, f"low and high are both {low}, which explores nothing: fix "
+                   f"`{key}: {low}` in `base`, or widen the range")
     if dist in ("loguniform", "logint") and low <= 0:
         raise _err(path, where, f"a log range must be above zero, got low = {low} "
                    f"(use `uniform`, or a positive low such as {high / 1000:g})")
@@ -314,6 +323,25 @@ def _parse_step(step: Any, dist: str, low: float, high: float, *, path: Path,
         raise _err(path, key, f"{step} does not divide the range {low}..{high}, so high "
                    f"would never be drawn: use a step that does, or high: {fits:g}")
     return step
+
+
+def _refuse_condition_cycles(by_key: Mapping[str, Param], *, path: Path) -> None:
+    """``a`` when ``b``, ``b`` when ``a`` (or a longer loop): none of them is
+    ever drawn, since each waits for another."""
+    done: set[str] = set()
+
+    def visit(key: str, trail: list[str]) -> None:
+        if key in trail:
+            loop = " → ".join([*trail[trail.index(key):], key])
+            raise _err(path, f"space.{key}.when", f"the conditions form a loop ({loop}), so "
+                       f"none of them is ever drawn: make one of them unconditional")
+        if key not in done:
+            for parent, _ in by_key[key].when:
+                visit(parent, [*trail, key])
+            done.add(key)
+
+    for key in by_key:
+        visit(key, [])
 
 
 def _storage(value: Any, *, path: Path) -> str | None:
@@ -374,6 +402,11 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
     by_key = {p.key: p for p in params}
     for p in params:
         for parent, values in p.when:
+            if parent == p.key:
+                raise _err(path, f"space.{p.key}.when", "refers to itself, so it can never hold")
+            if not values:
+                raise _err(path, f"space.{p.key}.when.{parent}", "an empty list of values can "
+                           f"never hold: name the values of `{parent}` it applies to")
             if parent not in by_key or by_key[parent].distribution != "choice":
                 raise _err(path, f"space.{p.key}.when",
                            f"refers to `{parent}`, which is not a `choice` in this space")
@@ -383,6 +416,7 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
                            f"`{parent}` ({list(by_key[parent].choices)})")
         if p.key in base:
             raise _err(path, f"space.{p.key}", "also fixed in `base`: keep it in one place")
+    _refuse_condition_cycles(by_key, path=path)
 
     search = _dataclass_from(SearchSettings, raw.get("search"), path=path, key="search")
     if "pbt" in _mapping(raw.get("search"), path=path, key="search") and \

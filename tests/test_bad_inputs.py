@@ -301,6 +301,26 @@ ROWS = [
     Row("name-export-escapes", lambda e: ["export", "a/b", "--out", str(e.tmp / "out"),
                                           "--storage", str(e.tmp / "runs")],
         ("search name", "'a/b'")),
+    # --- ill-formed spaces that would run, but not as written
+    Row("choice-repeated", space_with(x=_param("model.attention", {
+        "distribution": "choice", "choices": ["none", "none", "gates"]})),
+        ("space.model.attention.choices", "'none'", "more than once")),
+    Row("choice-single", space_with(x=_param("model.attention", {
+        "distribution": "choice", "choices": ["gates"]})),
+        ("space.model.attention.choices", "explores nothing", "base")),
+    Row("range-constant", space_with(x=_lc(low=5, high=5)),
+        ("space.loss.lambda_cycle", "explores nothing")),
+    Row("when-self", space_with(x=_param("model.attention", {
+        "distribution": "choice", "choices": ["none", "gates"],
+        "when": {"model.attention": ["gates"]}})), ("space.model.attention.when", "itself")),
+    Row("when-empty", space_with(x=_param("model.attention_channels_ratio", {
+        "distribution": "uniform", "low": 0.25, "high": 1.0, "when": {"model.attention": []}})),
+        ("model.attention_channels_ratio.when", "never hold")),
+    Row("when-loop", space_with(x=lambda raw: raw["space"].update({
+        "model.attention": {"distribution": "choice", "choices": ["none", "gates"],
+                            "when": {"optim.name": ["adam"]}},
+        "optim.name": {"distribution": "choice", "choices": ["adam", "extra_adam"],
+                       "when": {"model.attention": ["gates"]}}})), ("when", "loop")),
     Row("yaml-alias-bomb", lambda e: e.run(ALIAS_BOMB), ("space.yaml", "aliases", "100,000")),
     Row("yaml-recursive-alias", lambda e: e.run("name: bad\ndescription: &a [1, *a]\n"),
         ("space.yaml", "alias", "contains it")),
@@ -450,6 +470,9 @@ ROWS = [
         ("--set", "loss.lambda_cycle")),
     Row("train-set-unknown-key", lambda e: e.train(valid_train_config(), "--set", "loss.lambda_cycl=5"),
         ("loss.lambda_cycl",)),
+    Row("train-set-wrong-type", lambda e: e.train(valid_train_config(), "--set",
+                                                  "loss.lambda_cycle=abc"),
+        ("--set: `loss.lambda_cycle`", "expected float")),
     Row("train-config-missing", lambda e: ["train", str(e.tmp / "nope.yaml"), "--out",
                                            str(e.tmp / "out")], ("nope.yaml",)),
     Row("train-image-truncated", lambda e: (
@@ -779,3 +802,36 @@ def test_translate_and_report_replace_only_their_own_output(finished_search, tmp
         assert cli.main(["translate", str(exported), str(src), str(out), "--overwrite",
                          "--no-progress", "--min-tissue", "0"]) == 0
     assert (out / "a.png").is_file()
+
+
+def test_a_negative_count_is_refused(capsys):
+    for argv in (["best", "x", "--top", "-3"], ["confirm", "x", "--seeds", "0"],
+                 ["run", "x.yaml", "--num-samples", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+        assert "or more, got" in capsys.readouterr().err.strip().splitlines()[-1], argv
+
+
+def test_best_before_any_checkpoint_says_why(env, capsys):
+    """A search folder whose trials have not finished an epoch: the table is
+    empty, and a line says why."""
+    _seed_existing(env)
+    assert cli.main(["best", NAME, "--storage", str(env.tmp / "runs"),
+                     "--tracking-uri", env.uri]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 0 checkpoint(s) shown" in out and "nothing to rank yet" in out, out
+
+
+def test_run_of_a_running_search_says_it_is_running(env, capsys):
+    """Not "pass --resume to continue it": the search is running right now."""
+    import fcntl
+
+    _seed_existing(env)
+    sdir = SearchDir(env.tmp / "runs" / NAME)
+    with open(sdir.lock_file, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in ((), ("--resume",)):
+            assert cli.main(env.run(valid_space(env.data), *extra)) == 2
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert "is running" in line and "pass --resume" not in line, line

@@ -451,6 +451,9 @@ def format_table(selection: Selection, *, top: int = 10) -> str:
     n = len(listed)
     more = " (--top for more)" if n > top else ""
     out.append(f"{min(n, top)} of {n} checkpoint(s) shown{more}")
+    if n == 0:
+        out.append(f"nothing to rank yet: a trial saves its first checkpoint when it finishes "
+                   f"its first epoch (`stain-search status {selection.search}` follows it)")
     if selection.multi_objective:
         out.append(f"Pareto front: {len(selection.front)} checkpoint(s)")
     for reason, count in selection.dropped.items():
