@@ -69,7 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides, overrides_from="--set")
     d = config.data
     # Pre-flight before the results folder exists: every image decodes.
-    verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
+    if skipped := verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop,
+                                 load_size=d.load_size):
+        print(skipped)
     retention = retention_for(config)
     out = Path(args.out or Path("stain-search-runs") / f"train-{config_path.stem}")
     existing = list_checkpoints(out / "checkpoints")

@@ -131,11 +131,13 @@ def check_shared_storage(sdir: SearchDir, *, shared_fs: bool) -> None:
             f"(e.g. --storage s3://bucket/runs), or --shared-fs if every node mounts it")
 
 
-def verify_data(spec: SearchSpec) -> None:
+def verify_data(spec: SearchSpec) -> str | None:
+    """Every image decodes and is large enough; returns the line naming what
+    the data folders hold besides images (None: nothing)."""
     from stain_search.data.datasets import verify_dataset
 
     d = spec.base_config().data
-    verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
+    return verify_dataset(d.path, d.layout, d.crop, eval_crop=d.eval_crop, load_size=d.load_size)
 
 
 # --- 2. Ray ---------------------------------------------------------------------------
@@ -289,7 +291,8 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
     saved = check_search_dir(spec, sdir, resume=resume)
     budget = resolve_budget(spec, saved, num_samples=num_samples, max_concurrent=max_concurrent)
     spec.search.num_samples, spec.search.max_concurrent = budget.num_samples, budget.max_concurrent
-    verify_data(spec)
+    if skipped := verify_data(spec):
+        say(skipped)
     # The evaluation features, resolved once here: every trial then uses exactly
     # these, and no worker looks for weights or decides differently on a node
     # with other files.

@@ -135,6 +135,17 @@ def train_with(fn: Callable[[dict], None]) -> Callable[[Env], list[str]]:
     return build
 
 
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def broken_image(how: str) -> Callable[[Env], list[str]]:
     """The valid space over a data folder with one file broken."""
     def build(env: Env) -> list[str]:
@@ -156,6 +167,8 @@ def broken_image(how: str) -> Callable[[Env], list[str]]:
             target.unlink()
             tifffile.imwrite(env.data / "trainB" / "img1.tif",
                              np.full((40, 40, 3), 7.5, np.float32), photometric="rgb")
+        elif how == "bomb":  # a PNG header claiming 20000 x 20000 px (400 Mpx)
+            target.write_bytes(_png_header(20000, 20000))
         elif how == "test-truncated":
             target = env.data / "testA" / "img0.png"
             target.write_bytes(target.read_bytes()[:200])
@@ -425,6 +438,8 @@ ROWS = [
     Row("data-is-a-file", data_folder("file"), ("afile",)),
     Row("data-trainA-empty", data_folder("empty-trainA"), ("trainA",)),
     # --- images
+    Row("image-decompression-bomb", broken_image("bomb"),
+        ("img1.png", "400,000,000 pixels", "decompression-bomb", "STAIN_SEARCH_MAX_IMAGE_PIXELS")),
     Row("image-corrupt", broken_image("corrupt"), ("trainB", "img1.png")),
     Row("image-truncated", broken_image("truncated"), ("trainB", "img1.png")),
     Row("image-zero-byte", broken_image("zero-byte"), ("trainB", "img1.png", "0 bytes")),
@@ -835,3 +850,19 @@ def test_run_of_a_running_search_says_it_is_running(env, capsys):
             assert cli.main(env.run(valid_space(env.data), *extra)) == 2
             line = capsys.readouterr().err.strip().splitlines()[-1]
             assert "is running" in line and "pass --resume" not in line, line
+
+
+def test_entries_left_out_of_a_data_folder_are_counted_and_named(env):
+    """Every file the user gave is either used or named: a note, a subfolder and
+    a format it does not read, beside the images."""
+    (env.data / "trainA" / "notes.txt").write_text("scanned 2024")
+    (env.data / "trainB" / "old").mkdir()
+    (env.data / "testA" / "scan.jp2").write_bytes(b"\0" * 16)
+    (env.data / "testA" / ".DS_Store").write_bytes(b"\0")
+    line = verify_dataset(str(env.data), "auto", 32)
+    assert line.startswith(f"3 entries of {env.data} skipped"), line
+    for name in ("trainA/notes.txt", "trainB/old", "testA/scan.jp2"):
+        assert name in line, line
+    assert ".DS_Store" not in line
+    clean = make_data(env.tmp / "clean")
+    assert verify_dataset(str(clean), "auto", 32) is None

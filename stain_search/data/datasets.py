@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stain_search.data.augment import hed_jitter
-from stain_search.data.io import image_size, read_image, read_mask
+from stain_search.data.io import IMAGE_EXTENSIONS, image_size, read_image, read_mask
 from stain_search.errors import DataError
 
 
@@ -88,13 +88,14 @@ def check_files(files: Iterable[str | Path], crop: int, *, load_size: int | None
 
 
 def verify_dataset(path: str, layout: str, crop: int, *, eval_crop: int | None = None,
-                   load_size: int | None = None) -> None:
+                   load_size: int | None = None) -> str | None:
     """Pre-flight for a training run or a search: every file of the dataset
     decodes and is large enough, checked before anything is written or Ray
     starts (a truncated tile must cost a second, not a failed trial).
 
     Decodes every image once, unlike ``check_files`` (headers only): damage
-    in the pixel data is found here too.
+    in the pixel data is found here too. Returns the line naming what the
+    folders hold besides images (:func:`left_out_line`), or None.
     """
     from stain_search.data.folders import resolve_dataset
 
@@ -104,6 +105,25 @@ def verify_dataset(path: str, layout: str, crop: int, *, eval_crop: int | None =
         check_files(group, size, load_size=load_size)
         for file in group:
             _load(Path(file), size, load_size)
+    return left_out_line(files)
+
+
+def left_out_line(files) -> str | None:
+    """One line naming what the dataset's image folders hold besides its images
+    (a subfolder, a note, a format it does not read), or None: every file the
+    user gave is either used or named."""
+    used = {Path(p) for split in (files.train_a, files.train_b, files.test_a, files.test_b)
+            for p in split}
+    folders = sorted({p.parent for p in used})
+    left = sorted(p for folder in folders for p in folder.iterdir()
+                  if not p.name.startswith(".") and p not in used)
+    if not left:
+        return None
+    root = Path(files.root)
+    names = [str(p.relative_to(root)) if root in p.parents else str(p) for p in left]
+    shown = ", ".join(names[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+    return (f"{len(left)} entr{'y' if len(left) == 1 else 'ies'} of {root} skipped (not an "
+            f"image this tool reads: {', '.join(sorted(IMAGE_EXTENSIONS))}): {shown}")
 
 
 def _load(path: Path, crop: int, load_size: int | None) -> np.ndarray:

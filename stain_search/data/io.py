@@ -16,6 +16,8 @@ leaves half an image behind.
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +181,25 @@ def _read_pil(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not an image file (or an unsupported format); "
                         f"supported: {', '.join(sorted(IMAGE_EXTENSIONS))}") from None
     except Image.DecompressionBombError as err:
-        raise DataError(f"{path}: image too large to open whole ({err}); save it as a "
-                        f"TIFF or cut it into tiles with `stain-search data prepare`") from None
+        raise _too_large(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: corrupt or truncated image ({err})") from None
+
+
+# Pillow refuses to decode an image over twice this many pixels (its guard against
+# "decompression bombs"); a lab with bigger flat images raises it on purpose.
+MAX_PIXELS_ENV = "STAIN_SEARCH_MAX_IMAGE_PIXELS"
+if os.environ.get(MAX_PIXELS_ENV, "").isdigit():
+    Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_ENV])
+
+
+def _too_large(path: Path, err: Exception) -> DataError:
+    pixels = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(pixels.group(1)):,} pixels, " if pixels else ""
+    return DataError(
+        f"{path}: {size}over Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
+        f"pixels; cut it into tiles with `stain-search data prepare`, or, if you trust the "
+        f"file, raise the limit with {MAX_PIXELS_ENV}=<pixels>")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -209,6 +226,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file (or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as err:
