@@ -49,7 +49,8 @@ from stain_search.lock import DriverLock, is_locked, read_driver
 from stain_search.mirror import JournalSync, pull_trial
 from stain_search.study_proxy import requested_port
 from stain_search.plan import describe
-from stain_search.search_dir import Budget, SearchDir, SearchRecord, identity_of, trial_name
+from stain_search.search_dir import (STORAGE_ENV, Budget, SearchDir, SearchRecord, identity_of,
+                                     trial_name)
 from stain_search.spaces import SearchSpec, load_space
 from stain_search.weights import resolve_eval
 from stain_search.summary import summary_record
@@ -246,8 +247,11 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     spec = load_space(space, data=data, profile=profile)
     if name:
         spec.name = name
+    source = "--storage" if storage else "the space's storage:" if spec.storage else \
+        f"${STORAGE_ENV}" if os.environ.get(STORAGE_ENV) else "the default storage"
     storage = storage or spec.storage
     return search_spec(spec, SearchDir.of(storage, spec.name), tracking_uri=tracking_uri,
+                       storage_source=source,
                        address=address, resume=resume, num_samples=num_samples,
                        max_concurrent=max_concurrent, verbose=verbose, live=live, say=say,
                        shared_fs=shared_fs,
@@ -274,9 +278,11 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
                 num_samples: int | None = None, max_concurrent: int | None = None,
                 verbose: int = 1, live: bool = False, say=None,
                 parent_run: ParentRun = ParentRun(),
-                warm_start: SearchDir | None = None, shared_fs: bool = False) -> SearchOutcome:
+                warm_start: SearchDir | None = None, shared_fs: bool = False,
+                storage_source: str = "--storage") -> SearchOutcome:
     """:func:`run_search` on a parsed space, in the folder ``sdir``; ``warm_start``:
-    the folder of the search a new one starts from."""
+    the folder of the search a new one starts from; ``storage_source``: where
+    the storage was named, for its errors."""
     say = say or (lambda line: None)
     if not verbose:
         quiet_libraries()
@@ -289,6 +295,7 @@ def search_spec(spec: SearchSpec, sdir: SearchDir, *, tracking_uri: str | None =
         sdir.remote.check_bucket()
         sdir.pull()
     saved = check_search_dir(spec, sdir, resume=resume)
+    sdir.check_writable(source=storage_source)
     budget = resolve_budget(spec, saved, num_samples=num_samples, max_concurrent=max_concurrent)
     spec.search.num_samples, spec.search.max_concurrent = budget.num_samples, budget.max_concurrent
     if skipped := verify_data(spec):

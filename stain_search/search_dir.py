@@ -46,7 +46,9 @@ and uploaded there; ``driver.json``/``driver.lock`` stay on the driver's machine
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -200,6 +202,25 @@ class SearchDir:
     @property
     def name(self) -> str:
         return self.root.name
+
+    def check_writable(self, *, source: str = "--storage") -> None:
+        """A local folder can be made here: every existing part of the path is
+        a folder, and the nearest one takes a file (tried, then removed).
+        Writes nothing that stays; ``source`` names where the path came from."""
+        if self.remote is not None:
+            return
+        where = self.root.parent
+        existing = next(p for p in (where, *where.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            raise ConfigError(f"{source} {where}: {existing} is a file, not a folder; choose "
+                              f"a storage folder elsewhere")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            why = "read-only file system" if err.errno == errno.EROFS else (err.strerror or str(err))
+            raise ConfigError(f"{source} {where}: cannot write in {existing} ({why}); choose a "
+                              f"storage folder you can write to") from None
 
     @property
     def where(self) -> str:

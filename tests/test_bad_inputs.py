@@ -315,6 +315,10 @@ ROWS = [
                                           "--storage", str(e.tmp / "runs")],
         ("search name", "'a/b'")),
     # --- ill-formed spaces that would run, but not as written
+    # --- the storage
+    Row("storage-under-a-file", lambda e: (e.tmp / "afile").write_text("x") and [
+        *e.run(valid_space(e.data))[:2], "--storage", str(e.tmp / "afile" / "runs"),
+        "--tracking-uri", e.uri], ("--storage", "afile is a file, not a folder")),
     Row("choice-repeated", space_with(x=_param("model.attention", {
         "distribution": "choice", "choices": ["none", "none", "gates"]})),
         ("space.model.attention.choices", "'none'", "more than once")),
@@ -570,8 +574,8 @@ def test_bad_input_end_to_end_has_no_traceback(row, env):
     check_nothing_written(env, before)
 
 
-# Root reads a file whatever its mode (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), and CI
-# runs as root: the CLI then runs without those two capabilities, as any user would.
+# Root reads and writes a file whatever its mode (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH),
+# and CI runs as root: the CLI then runs without those two capabilities, as any user would.
 WITHOUT_READ_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
                          "--bounding-set=-dac_override,-dac_read_search", "--"]
 
@@ -866,3 +870,32 @@ def test_entries_left_out_of_a_data_folder_are_counted_and_named(env):
     assert ".DS_Store" not in line
     clean = make_data(env.tmp / "clean")
     assert verify_dataset(str(clean), "auto", 32) is None
+
+
+def test_storage_from_the_environment_is_named_as_such(env, guard, monkeypatch, capsys):
+    (env.tmp / "afile").write_text("x")
+    monkeypatch.setenv("STAIN_SEARCH_STORAGE", str(env.tmp / "afile" / "runs"))
+    space = env.tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(valid_space(env.data)))
+    assert cli.main(["run", str(space), "--tracking-uri", env.uri]) == 2
+    check_one_line(capsys.readouterr().err, ("$STAIN_SEARCH_STORAGE", "is a file"))
+    assert not (env.tmp / "mlflow.db").exists()
+
+
+def test_unwritable_storage_is_one_line_and_leaves_no_store(env):
+    """No resume hint for a search that never existed, and no empty mlflow.db."""
+    locked = env.tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    argv = [*env.run(valid_space(env.data))[:2], "--storage", str(locked / "runs"),
+            "--tracking-uri", env.uri]
+    as_user = WITHOUT_READ_OVERRIDE if os.geteuid() == 0 else []  # root writes anywhere
+    done = subprocess.run([*as_user, sys.executable, "-W", "ignore", "-m", "stain_search.cli",
+                           *map(str, argv)], cwd=env.tmp, capture_output=True, text=True,
+                          timeout=120)
+    locked.chmod(0o755)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    check_one_line(line, ("--storage", "cannot write in", "locked"))
+    assert "resume" not in line
+    assert not (env.tmp / "mlflow.db").exists() and list(locked.iterdir()) == []
