@@ -218,7 +218,7 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from stain_search.services import serve, server_log
+    from stain_search.services import check_port_free, serve, server_log
     from stain_search.mlflow_ui import ui_links
     from stain_search.tracking import resolve_tracking_uri
 
@@ -242,21 +242,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", root.resolve().as_uri()]
     base = f"http://{args.host}:{args.port}"
     links = ui_links(uri, args.search, base=base) if args.search else None  # bad name: no server
+    check_port_free(args.host, args.port)
     log = server_log("mlflow-ui", args.port)
-    print(f"MLflow UI on {base}  (store: {uri}; Ctrl-C stops it; server log: {log})",
-          flush=True)
-    if links:
-        print(f"runs of search {args.search!r}: {links['runs']}")
-        print(f"compare its top trials: {links['compare']}")
-        print(f"report: {links['report']}", flush=True)
-    return serve(cmd, log=log)
+    print(f"starting the MLflow UI (store: {uri}; server log: {log})", flush=True)
+
+    def announce() -> None:
+        print(f"MLflow UI on {base}  (Ctrl-C stops it)", flush=True)
+        if links:
+            print(f"runs of search {args.search!r}: {links['runs']}")
+            print(f"compare its top trials: {links['compare']}")
+            print(f"report: {links['report']}", flush=True)
+
+    return serve(cmd, log=log, ready_url=f"{base}/health", what="the MLflow UI",
+                 announce=announce)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import shutil
 
     from stain_search.search_dir import SearchDir
-    from stain_search.services import serve, server_log
+    from stain_search.services import check_port_free, serve, server_log
 
     journal = SearchDir.of(args.storage, args.name).pull().study_journal
     if not journal.is_file():
@@ -267,11 +272,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                or shutil.which("optuna-dashboard"))
     if program is None:
         raise ConfigError("optuna-dashboard is not installed: pip install 'stain-search[dashboard]'")
+    check_port_free(args.host, args.port)
     log = server_log("optuna-dashboard", args.port)
-    print(f"optuna-dashboard on http://{args.host}:{args.port}  (study: {journal}; "
-          f"Ctrl-C stops it; server log: {log})", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"starting optuna-dashboard (study: {journal}; server log: {log})", flush=True)
     return serve([program, str(journal), "--storage-class", "JournalFileStorage",
-                  "--host", args.host, "--port", str(args.port)], log=log)
+                  "--host", args.host, "--port", str(args.port)], log=log,
+                 ready_url=f"{base}/api/meta", what="optuna-dashboard",
+                 announce=lambda: print(f"optuna-dashboard on {base}  (Ctrl-C stops it)",
+                                        flush=True))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -155,6 +155,52 @@ def test_sigterm_stops_the_whole_server(tmp_path):
     stop_and_check(proc, port, signal.SIGTERM)
 
 
+def test_a_killed_cli_leaves_no_server_behind(tmp_path):
+    """SIGKILL cannot be caught: the server's parent-death signal stops it,
+    and MLflow takes its uvicorn and job consumers down with it."""
+    port = free_port()
+    proc = start("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--port", str(port))
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_job_consumers(proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except BaseException:
+        kill_tree(proc)
+        raise
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    for p in left:
+        p.kill()
+    assert not left, [" ".join(p.cmdline())[:80] for p in left if alive(p)]
+
+
+def test_a_server_is_announced_only_once_it_answers(tmp_path):
+    """A port already served by someone else, and a server that exits at start:
+    one line each, exit 2, and no "MLflow UI on http://..." line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "stain_search.cli", "ui", "--port", str(port),
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "MLflow UI on" not in done.stdout, done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("stain-search: error: 127.0.0.1:")
+    assert "already in use" in done.stderr and "--port" in done.stderr
+    (tmp_path / "mlflow.db").write_text("not a database")  # MLflow exits at start
+    done = subprocess.run([sys.executable, "-m", "stain_search.cli", "ui", "--port",
+                           str(free_port()), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=STARTUP_S)
+    assert done.returncode == 2 and "MLflow UI on" not in done.stdout, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("stain-search: error: the MLflow UI exited"), done.stderr
+    assert "log:" in lines[-1]
+
+
 # ---------------------------------------------------------------- what a browser sees
 
 SEARCH = "uitest"
