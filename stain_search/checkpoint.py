@@ -2,7 +2,8 @@
 
     checkpoint_epoch_0003/
         state.pt     tensors and plain containers only (torch.load weights_only=True)
-        meta.json    format tag, epoch, metrics, the resolved config
+        meta.json    format tag, epoch, metrics, the resolved config, and
+                     state.pt's size and SHA-256 (``files``), checked before use
 
 A checkpoint folder is built under a temporary name and renamed into place
 in one step, so a crash mid-write leaves a stray ``.tmp-*`` folder that no
@@ -17,6 +18,7 @@ something loads them, so `best` never downloads every trial's weights.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -33,6 +35,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 STATE_POINTER = "state.pt.remote"  # in a mirror: where state.pt is (one URI)
 PREFIX = "checkpoint_epoch_"
+FILES = "files"  # in meta.json: each weights file's size and SHA-256 at writing
 
 
 class CheckpointError(StainSearchError):
@@ -51,10 +54,37 @@ def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path
     # OSError (ENOSPC, EDQUOT) that tells a search to stop and say why.
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    # What the weights were when written: a file that no longer matches is never trusted.
+    files = {STATE_FILE: {"size": buffer.getbuffer().nbytes,
+                          "sha256": hashlib.sha256(buffer.getbuffer()).hexdigest()}}
     with atomic_dir(folder) as tmp:  # re-written after a resume: replaced, never merged
         (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
-        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta, FILES: files},
+                                                indent=2, default=str))
     return folder
+
+
+def state_problem(folder: Path, meta: dict[str, Any], *, full: bool = False) -> str | None:
+    """Why the checkpoint's weights cannot be trusted, or None: their size (and,
+    ``full``, their SHA-256) differ from what ``meta.json`` recorded at writing.
+    Checkpoints from before the record, and weights not yet fetched from a URI
+    storage (unless ``full``), are taken as they are."""
+    recorded = (meta.get(FILES) or {}).get(STATE_FILE)
+    local = Path(folder) / STATE_FILE
+    if not recorded or not (full or local.is_file()):
+        return None
+    path = state_file(folder)
+    size = path.stat().st_size
+    if size != recorded.get("size"):
+        return f"{path}: {size:,} bytes, but {recorded.get('size'):,} were written (truncated or replaced)"
+    if full and recorded.get("sha256"):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != recorded["sha256"]:
+            return f"{path}: its SHA-256 differs from the one recorded when it was written (damaged)"
+    return None
 
 
 def has_state(folder: Path) -> bool:
@@ -92,8 +122,12 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def read_checkpoint(folder: Path, *, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Return (state, meta). Never executes pickled code."""
+    """Return (state, meta), after checking the weights against the size and hash
+    recorded at writing. Never executes pickled code."""
     meta = read_meta(folder)
+    if problem := state_problem(folder, meta, full=True):
+        raise CheckpointError(f"{problem}; this checkpoint cannot be used: pick another "
+                              f"(`stain-search best` ranks the usable ones)")
     try:
         state = torch.load(state_file(folder), map_location=map_location, weights_only=True)
     except StainSearchError:

@@ -899,3 +899,32 @@ def test_unwritable_storage_is_one_line_and_leaves_no_store(env):
     check_one_line(line, ("--storage", "cannot write in", "locked"))
     assert "resume" not in line
     assert not (env.tmp / "mlflow.db").exists() and list(locked.iterdir()) == []
+
+
+def test_a_damaged_checkpoint_is_never_ranked_or_exported(finished_search, tmp_path, capsys):
+    """Truncate the best checkpoint's weights: `best` leaves it out and says so,
+    ranks the next one first, and `export` exports that one; loading the damaged
+    one directly is one line naming the file."""
+    import shutil
+
+    from stain_search.checkpoint import CheckpointError, read_checkpoint
+    from stain_search.deploy.select import DAMAGED, select_dir
+
+    shutil.copytree(finished_search.search_dir, tmp_path / "runs" / finished_search.name)
+    sdir = SearchDir(tmp_path / "runs" / finished_search.name)
+    before = select_dir(sdir, tracking_uri=finished_search.tracking_uri)
+    first, second = before.candidates[:2]
+    state = first.checkpoint / "state.pt"  # in the copy
+    state.write_bytes(state.read_bytes()[:-60])
+    after = select_dir(sdir, tracking_uri=finished_search.tracking_uri)
+    assert after.dropped == {DAMAGED: 1}
+    assert (after.candidates[0].trial, after.candidates[0].epoch) == (second.trial, second.epoch)
+    argv = ["--storage", str(tmp_path / "runs"), "--tracking-uri", finished_search.tracking_uri]
+    assert cli.main(["best", finished_search.name, *argv]) == 0
+    assert f"left out: 1 ({DAMAGED})" in capsys.readouterr().out
+    out = tmp_path / "export"
+    assert cli.main(["export", finished_search.name, *argv, "--out", str(out), "--no-register"]) == 0
+    provenance = __import__("json").loads((out / "model.json").read_text())["provenance"]
+    assert (provenance["trial"], provenance["epoch"]) == (second.trial, second.epoch)
+    with pytest.raises(CheckpointError, match=r"state.pt: .* bytes, but .* were written"):
+        read_checkpoint(state.parent)

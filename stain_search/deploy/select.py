@@ -43,7 +43,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta
+from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta, state_problem
 from stain_search.pbt import COPIED_FROM
 from stain_search.errors import ConfigError
 from stain_search.pareto import deploy_order, pareto_ranks
@@ -230,6 +230,9 @@ def _match_number(params: dict[str, Any], trials: list[Any]) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
+DAMAGED = "checkpoint whose weights no longer match what was written: truncated or replaced"
+
+
 def gather(sdir: SearchDir, keys: list[str], dropped: dict[str, int]) -> list[Candidate]:
     """Every readable checkpoint under ``trials/``."""
     return [c for folder in sorted(p for p in sdir.trials.glob("*") if p.is_dir())
@@ -246,6 +249,9 @@ def gather_trial(folder: Path, keys: list[str], dropped: dict[str, int]) -> list
             dropped["unreadable checkpoint"] = dropped.get("unreadable checkpoint", 0) + 1
             continue
         if meta.get(COPIED_FROM):  # a PBT exploit's copy: the donor's original counts
+            continue
+        if state_problem(ckpt, meta):  # its weights changed since written: never ranked
+            dropped[DAMAGED] = dropped.get(DAMAGED, 0) + 1
             continue
         config = flat_config(meta.get("config", {}))
         out.append(Candidate(trial=folder.name, epoch=int(meta.get("epoch", 0)),
