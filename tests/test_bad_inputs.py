@@ -928,3 +928,20 @@ def test_a_damaged_checkpoint_is_never_ranked_or_exported(finished_search, tmp_p
     assert (provenance["trial"], provenance["epoch"]) == (second.trial, second.epoch)
     with pytest.raises(CheckpointError, match=r"state.pt: .* bytes, but .* were written"):
         read_checkpoint(state.parent)
+
+
+@pytest.mark.slow
+def test_two_drivers_started_together_end_with_one_search_and_a_usable_store(tmp_path):
+    """`stain-search run tiny.yaml` twice in the same instant in a fresh folder
+    (bench/driver_race.py repeats this 50 times by hand): one runs the search,
+    the other is refused in one line, and the store is usable afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from driver_race import one_pair
+    finally:
+        sys.path.pop(0)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    row = one_pair(tmp_path, env, timeout=540)
+    assert row["ok"], row
+    assert "is running" in row["refusal"] or "started by another driver" in row["refusal"], row
