@@ -13,6 +13,7 @@ import pty
 import re
 import select
 import subprocess
+import sys
 import textwrap
 import time
 from dataclasses import dataclass
@@ -121,6 +122,45 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+def ensure_local_ray() -> None:
+    """The session's one local Ray for searches run in this process: started on
+    first use by the product's own ``init_ray`` (as `stain-search run` starts its
+    private one) and kept, so each in-process search skips Ray's start and stop
+    (about 10 s on 2 busy cores). A search that finds Ray running uses it and
+    leaves it running: the path of a driver given ``--address``."""
+    import ray
+
+    from stain_search.search import init_ray
+
+    if not ray.is_initialized():
+        init_ray(None, verbose=0)
+
+
+@pytest.fixture
+def local_ray():
+    ensure_local_ray()
+    yield
+
+
+def stop_local_ray() -> None:
+    """Before a test that starts (or connects) Ray itself, or whose trials must
+    inherit environment variables it sets: the shared Ray goes first."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture
+def own_ray():
+    stop_local_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_ray():
+    yield
+    stop_local_ray()
+
+
 @dataclass
 class FinishedSearch:
     name: str
@@ -142,6 +182,7 @@ def finished_search(tmp_path_factory) -> FinishedSearch:
     """
     from stain_search.search import run_search
 
+    ensure_local_ray()
     root = tmp_path_factory.mktemp("finished-search")
     space = root / "tiny.yaml"
     space.write_text(tiny_space_yaml(

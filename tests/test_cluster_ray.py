@@ -81,7 +81,7 @@ def ranked_worker(ctx: dict) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_two_gloo_workers_on_two_nodes_hold_identical_weights(ray_cluster, tmp_path):
+def test_two_gloo_workers_on_two_nodes_hold_identical_weights(ray_cluster, tmp_path, own_ray):
     import ray
     import ray.cloudpickle
     from ray.train import ScalingConfig
@@ -156,7 +156,7 @@ def test_a_space_that_can_never_fit_exits_2_at_once(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_cluster, tmp_path):
+def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_cluster, tmp_path, own_ray):
     """node2's CPU held by another job: the cluster holds the trial, its free
     resources do not; the trial fails after the worker-group wait."""
     import ray

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_space_yaml
+from conftest import ensure_local_ray, tiny_space_yaml
 from stain_search import mlflow_ui, tracking
 from stain_search.cli import main
 from stain_search.deploy.confirmed import ConfirmedConfig, ConfirmedRun, verdict
@@ -36,6 +36,7 @@ def searched(tmp_path_factory):
     """A finished 2-trial search on the tiny phantom (no pruning)."""
     from stain_search.search import run_search
 
+    ensure_local_ray()
     root = tmp_path_factory.mktemp("confirm")
     space = root / "tiny.yaml"
     space.write_text(tiny_space_yaml(name=NAME, num_samples=2, max_concurrent=1, epochs=2,
@@ -62,7 +63,8 @@ def test_best_confirmed_before_any_confirmation_says_how(searched, tmp_path, cap
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_confirm_top2_over_2_seeds_then_best_report_and_export_follow_it(searched, capsys):
+def test_confirm_top2_over_2_seeds_then_best_report_and_export_follow_it(searched, capsys,
+                                                                       local_ray):
     root, uri = searched
     sdir = SearchDir.of(root / "runs", NAME)
     assert main(_cli(root, uri, "confirm", NAME, "--top", "2", "--seeds", "2")) == 0

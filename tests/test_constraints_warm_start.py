@@ -249,7 +249,7 @@ def test_a_warm_start_from_a_missing_search_is_one_line_exit_2(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_a_warm_started_search_starts_with_the_old_searchs_best(tmp_path):
+def test_a_warm_started_search_starts_with_the_old_searchs_best(tmp_path, local_ray):
     from stain_search import tracking
     from stain_search.search import run_search
     from stain_search.warm_start import ATTR, plan_warm_start

@@ -74,7 +74,7 @@ def worker(ctx: dict) -> None:
                                "first_batch": seen[0]}))
 
 
-def test_two_gloo_workers_hold_identical_weights(tmp_path):
+def test_two_gloo_workers_hold_identical_weights(tmp_path, own_ray):
     import ray
     import ray.cloudpickle
     from ray.train import ScalingConfig

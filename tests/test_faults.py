@@ -26,7 +26,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import tiny_space_yaml
+from conftest import stop_local_ray, tiny_space_yaml
 from stain_search import tracking
 from stain_search.deploy.select import gather
 from stain_search.search_dir import SearchDir
@@ -57,6 +57,7 @@ def fault_search(tmp_path_factory) -> FaultSearch:
     from stain_search.search import run_search
     from stain_search.trainables.cyclegan import KILL_AT_EPOCH_ENV, KILL_MARKER_ENV
 
+    stop_local_ray()  # the trials must inherit the fault variables set below
     root = tmp_path_factory.mktemp("faults")
     enqueue = ", ".join(f"{{optim.lr_g: {g:.1e}, optim.lr_d: {d:.1e}}}" for g, d in POINTS)
     text = tiny_space_yaml(
@@ -168,7 +169,7 @@ def test_killed_worker_continues_from_its_checkpoint(fault_search, outcome):
 
 
 @pytest.mark.slow
-def test_killed_in_trial_process_continues_from_its_checkpoint(tmp_path, monkeypatch):
+def test_killed_in_trial_process_continues_from_its_checkpoint(tmp_path, monkeypatch, own_ray):
     """The in_trial executor (auto's choice for one worker): the killed
     process is the Tune trial itself; Tune restarts it (max_failures) and it
     continues from the newest checkpoint in its folder."""

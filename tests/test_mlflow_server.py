@@ -22,7 +22,7 @@ from unittest import mock
 
 import pytest
 
-from conftest import tiny_space_yaml
+from conftest import ensure_local_ray, tiny_space_yaml
 from mlflow_server import free_port, mlflow_server  # noqa: F401 - the fixture
 from stain_search import cli, tracking
 from stain_search.checkpoint import list_checkpoints, read_meta
@@ -53,18 +53,12 @@ def trial_runs(uri: str, name: str) -> list:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local Ray (2 CPUs) for the module's searches: each would otherwise
-    start and stop its own (~15 s each on 2 busy cores). The driver then serves
-    its study on this node's address, as on a cluster it joined."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def _local_ray():
+    """The session's local Ray (conftest.ensure_local_ray) for the module's
+    searches: each would otherwise start and stop its own (~15 s each on 2 busy
+    cores). The driver then serves its study on this node's address, as on a
+    cluster it joined."""
+    ensure_local_ray()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from stain_search.deploy.select import select
 from stain_search.search import run_search
 from stain_search.study import open_study
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 NAME = "same"
 
 
