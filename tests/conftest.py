@@ -67,6 +67,22 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
         """)
 
 
+# With pytest-xdist (`pytest -n 2`), one worker takes a whole module, so a module's
+# fixtures (a search it makes once) are made once; the modules that use the
+# session's two-node Ray and S3 server all go to one worker, which starts them once.
+CLUSTER_FIXTURES = {"ray_cluster", "s3_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    module = {item: item.nodeid.split("::", 1)[0] for item in items}
+    cluster = {module[item] for item in items
+               if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+               or item.get_closest_marker("cluster")}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(
+            "cluster" if module[item] in cluster else module[item]))
+
+
 def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float = 600
                     ) -> tuple[int, str]:
     """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal, as a person
