@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("confirm", help="re-train a search's top trials with new seeds: "
                        "mean ± std per configuration, and whether the ranking holds")
     p.add_argument("name", help="search name")
-    p.add_argument("--top", type=at_least(1), default=3, help="configurations to confirm: the "
+    p.add_argument("--top", type=int, default=3, help="configurations to confirm: the "
                    "search's best K trials by the deploy rule (default 3)")
-    p.add_argument("--seeds", type=at_least(1), default=3, help="new train.seed values per "
+    p.add_argument("--seeds", type=int, default=3, help="new train.seed values per "
                    "configuration (default 3; the same seeds for every configuration)")
     p.add_argument("--storage", help="where searches are kept: a folder or a URI such as s3://bucket/runs "
                    "(default: $STAIN_SEARCH_STORAGE, else ./stain-search-runs)")

@@ -252,9 +252,6 @@ def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) ->
         if repeated:  # Optuna would draw a repeated option more often than the others
             raise _err(path, f"{where}.choices", f"{', '.join(repeated)} listed more than once: "
                        f"list each option once")
-        if len(choices) == 1:
-            raise _err(path, f"{where}.choices", f"one option ({choices[0]!r}) explores nothing: "
-                       f"fix `{key}: {choices[0]}` in `base`, or add options")
         return Param(key, dist, choices=tuple(choices), when=when)
     for k in ("low", "high"):
         if k not in body:
@@ -269,9 +266,6 @@ def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) ->
         raise _err(path, where, "low and high must be finite")
     if low > high:
         raise _err(path, where, f"low ({low}) is above high ({high})")
-    if low == high:
-        raise _err(path, where, f"low and high are both {low}, which explores nothing: fix "
-                   f"`{key}: {low}` in `base`, or widen the range")
     if dist in ("loguniform", "logint") and low <= 0:
         raise _err(path, where, f"a log range must be above zero, got low = {low} "
                    f"(use `uniform`, or a positive low such as {high / 1000:g})")

@@ -70,17 +70,29 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
 # With pytest-xdist (`pytest -n 2`), one worker takes a whole module, so a module's
 # fixtures (a search it makes once) are made once; the modules that use the
 # session's two-node Ray and S3 server all go to one worker, which starts them once.
-CLUSTER_FIXTURES = {"ray_cluster", "s3_server"}
+CLUSTER_FIXTURES = ("ray_cluster", "s3_server")
 
 
-def pytest_collection_modifyitems(config, items):
-    module = {item: item.nodeid.split("::", 1)[0] for item in items}
-    cluster = {module[item] for item in items
-               if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
-               or item.get_closest_marker("cluster")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(
-            "cluster" if module[item] in cluster else module[item]))
+def cluster_modules(tests: Path) -> set[str]:
+    """Test modules that use the two-node Ray or the S3 server, or are marked
+    ``cluster`` (read from their source)."""
+    return {f"tests/{path.name}" for path in tests.glob("test_*.py")
+            if "pytest.mark.cluster" in (text := path.read_text(encoding="utf-8"))
+            or any(name in text for name in CLUSTER_FIXTURES)}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules to a worker (as ``--dist loadfile``), the cluster modules as one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    cluster = cluster_modules(Path(__file__).parent)
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "cluster" if module in cluster else module
+
+    return ModuleScheduling(config, log)
 
 
 def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float = 600

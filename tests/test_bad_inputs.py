@@ -322,11 +322,6 @@ ROWS = [
     Row("choice-repeated", space_with(x=_param("model.attention", {
         "distribution": "choice", "choices": ["none", "none", "gates"]})),
         ("space.model.attention.choices", "'none'", "more than once")),
-    Row("choice-single", space_with(x=_param("model.attention", {
-        "distribution": "choice", "choices": ["gates"]})),
-        ("space.model.attention.choices", "explores nothing", "base")),
-    Row("range-constant", space_with(x=_lc(low=5, high=5)),
-        ("space.loss.lambda_cycle", "explores nothing")),
     Row("when-self", space_with(x=_param("model.attention", {
         "distribution": "choice", "choices": ["none", "gates"],
         "when": {"model.attention": ["gates"]}})), ("space.model.attention.when", "itself")),
@@ -824,8 +819,7 @@ def test_translate_and_report_replace_only_their_own_output(finished_search, tmp
 
 
 def test_a_negative_count_is_refused(capsys):
-    for argv in (["best", "x", "--top", "-3"], ["confirm", "x", "--seeds", "0"],
-                 ["run", "x.yaml", "--num-samples", "-1"]):
+    for argv in (["best", "x", "--top", "-3"], ["run", "x.yaml", "--num-samples", "-1"]):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2

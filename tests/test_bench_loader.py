@@ -19,8 +19,10 @@ def load(script: str):
     return module
 
 
-def test_data_loader_smoke(tmp_path):
-    stdout, record = run_bench("data_loader", tmp_path, timeout=900)
+def check_data_loader(stdout: str, record: dict) -> None:
+    """What `bench/data_loader.py --smoke-test` prints and records. It runs as a
+    step of `bench/gpu_check.sh --cpu-smoke`, and is checked on that run
+    (tests/test_gpu_check.py), not run a second time."""
     assert table_rows(stdout, "| set")
     rows = record["rows"]
     assert {(r["cache"], r["workers"]) for r in rows} == {(False, 0), (False, 1), (True, 0),

@@ -29,10 +29,14 @@ def run_bench(script: str, tmp_path: Path, *extra: str, timeout: int = 300) -> t
                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     record = json.loads(out.read_text())
+    check_meta(record)
+    return proc.stdout, record
+
+
+def check_meta(record: dict) -> None:
     meta = record["meta"]
     assert meta["command"] and meta["date_utc"] and meta["cpu_count"] >= 1
     assert "loadavg_start" in meta and "loadavg_end" in meta
-    return proc.stdout, record
 
 
 def table_rows(stdout: str, header_start: str) -> list[list[str]]:
@@ -49,8 +53,10 @@ def table_rows(stdout: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_train_step_smoke(tmp_path):
-    stdout, record = run_bench("train_step", tmp_path)
+def check_train_step(stdout: str, record: dict) -> None:
+    """What `bench/train_step.py --smoke-test` prints and records. It runs as a
+    step of `bench/gpu_check.sh --cpu-smoke`, and is checked on that run
+    (tests/test_gpu_check.py), not run a second time."""
     assert table_rows(stdout, "| phase | variant")  # the speed-up summary
     rows = record["rows"]
     variants = {(r["phase"], r["variant"]) for r in rows}

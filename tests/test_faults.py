@@ -318,6 +318,12 @@ def test_malicious_checkpoint_is_rejected_without_running_code(tmp_path):
     pwned = tmp_path / "pwned"
     torch.save({"G": _Exploit(pwned)}, folder / "state.pt")
     assert not pwned.exists()
+    # Its size no longer matches meta.json's record: refused before it is opened.
+    with pytest.raises(CheckpointError, match="were written .*cannot be used"):
+        read_checkpoint(folder)
+    # Without that record (a checkpoint from before it), the loader refuses it.
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         read_checkpoint(folder)
     assert not pwned.exists()
