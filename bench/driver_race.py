@@ -96,7 +96,7 @@ def one_pair(folder: Path, env: dict[str, str], timeout: float, *, stop_winner: 
     exp = c.get_experiment_by_name("race")
     parents = [r for r in c.search_runs([exp.experiment_id])
                if r.data.tags.get(tracking.ROLE) == "search"] if exp else []
-    winner = [c for c in codes if c != 2]  # the other was refused (exit 2)
+    winner = [code for code in codes if code != 2]  # the other was refused (exit 2)
     ok = (codes.count(2) == 1 and winner[0] in won and one_line
           and status.returncode == 0 and len(parents) == 1)
     return {"codes": codes, "one_line": one_line, "status_rc": status.returncode,
