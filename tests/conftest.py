@@ -95,6 +95,17 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleScheduling(config, log)
 
 
+# The longest modules first (docs/testing.md), so that on two workers none of
+# them is left to run alone at the end while the other worker idles.
+LONGEST_FIRST = ("tests/test_readme.py", "tests/test_pbt.py", "tests/test_faults.py",
+                 "tests/test_interrupt.py", "tests/test_confirm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float = 600
                     ) -> tuple[int, str]:
     """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal, as a person
