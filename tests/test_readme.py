@@ -8,7 +8,7 @@ over a bundled name), ``my-space.yaml``/``my.yaml`` tiny files, ``/data/BCI``
 a BCI-layout folder made from the phantom, ``slide.tif`` a small TIFF. Budgets
 shrink as the spaces do (``SMALLER``: ``--num-samples 12`` runs 3 trials,
 ``--top 3 --seeds 3`` 2 × 2 re-trainings; ``SHORTER``: the quickstart
-``stain-search train`` runs 1 of its 8 epochs): the same code paths, a
+``stain-search train`` runs 4 of its 8 epochs): the same code paths, a
 fraction of the work. Each must exit 0, or be listed in ``NOT_RUN`` with the
 reason it cannot run here.
 This is the test that would have caught ``--name`` failing every trial.
@@ -108,8 +108,8 @@ def user_folder(tmp_path_factory):
 # A budget flag's value in the README → the value run here (tiny spaces, 2 CPUs).
 SMALLER = {"--num-samples": "3", "--top": "2", "--seeds": "2"}
 # A command whose budget is a bundled config, not a flag: the same command with a
-# budget flag added (the quickstart's 8 epochs become 1: the same code path).
-SHORTER = {"stain-search train": ["--epochs", "1"]}
+# budget flag added (the quickstart's 8 epochs become 4, its decay epochs: the same code path).
+SHORTER = {"stain-search train": ["--epochs", "4"]}
 
 
 def substitute(command: str, cwd: Path) -> list[str]:
