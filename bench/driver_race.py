@@ -1,8 +1,8 @@
 """Two drivers started in the same instant in a fresh folder, many times over.
 
 Each pair gets a fresh folder and runs ``stain-search run tiny.yaml`` twice at
-once (both processes wait on one start signal, so they reach the MLflow store
-and the search folder together). Every pair must end with:
+once (both processes import the CLI, then wait on one go, so they reach the
+MLflow store and the search folder together: :func:`start_together`). Every pair must end with:
 
 - exactly one driver that ran the search (exit 0) and one refused in one line
   (exit 2, ``stain-search: error: …``), never a traceback;
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -45,20 +46,50 @@ SPACE = textwrap.dedent("""\
              early_stopping: {pruner: none}}
     resources: {workers_per_trial: 1, cpus_per_worker: 1}
     """)
-# Each driver imports the CLI, says it is ready (a file), then blocks until the
-# start file appears: both then run from the same instant.
-START = ("import os, sys, time\nfrom stain_search.cli import main\n"
-         "open(sys.argv[1] + f'.ready-{os.getpid()}', 'w').close()\n"
-         "while not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
-         "sys.exit(main(sys.argv[2:]))")
+# A child of start_together: after its imports it says "ready" on stdout and
+# blocks on stdin until every child is ready; then it runs its code (sys.argv[1]).
+BARRIER = "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\nexec(sys.argv[1])"
 
 
-def wait_ready(go: Path, count: int, procs, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while len(list(go.parent.glob(go.name + ".ready-*"))) < count:
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            raise RuntimeError("a driver did not start")
-        time.sleep(0.05)
+def start_together(imports: str, code: str, argvs: list[list[str]],
+                   **popen) -> list[subprocess.Popen]:
+    """One Python process per ``argvs`` entry (its ``sys.argv[2:]``): each runs
+    ``imports``, says it is ready (a line on stdout, read blocking), and runs
+    ``code`` once all of them have the go (a line on stdin): the same instant."""
+    procs = [subprocess.Popen([sys.executable, "-c", f"{imports}\n{BARRIER}", code, *argv],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, **popen)
+             for argv in argvs]
+    for proc in procs:
+        if proc.stdout.readline().strip() != "ready":  # "" when it died first
+            raise RuntimeError(f"a process did not start:\n{proc.stderr.read()[-2000:]}")
+    for proc in procs:  # stdin stays open: communicate() closes it
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    return procs
+
+
+def wait_refused_and_started(procs: list[subprocess.Popen], timeout: float):
+    """Read the drivers' output lines as they come (select, no polling) until
+    one has ended (its stdout closed) and another has printed its "search …"
+    line, which the driver says once its study and MLflow run exist."""
+    selector = selectors.DefaultSelector()
+    for proc in procs:
+        selector.register(proc.stdout, selectors.EVENT_READ, proc)
+    ended, studied = [], None
+    while selector.get_map() and not (ended and studied):
+        events = selector.select(timeout)
+        if not events:
+            break
+        for key, _ in events:
+            line = key.fileobj.readline()
+            if not line:
+                ended.append(key.data)
+                selector.unregister(key.fileobj)
+            elif line.startswith("search "):
+                studied = key.data
+    selector.close()
+    return ended, studied
 
 
 def one_pair(folder: Path, env: dict[str, str], timeout: float, *, stop_winner: bool = False
@@ -66,22 +97,13 @@ def one_pair(folder: Path, env: dict[str, str], timeout: float, *, stop_winner: 
     """``stop_winner``: once the loser is refused, the winner gets Ctrl-C (SIGINT)
     and ends resumable (exit 130): the race is the same, the pair is quicker."""
     (folder / "tiny.yaml").write_text(SPACE)
-    go = folder / "go"
-    argv = [sys.executable, "-c", START, str(go), "run", "tiny.yaml"]
-    procs = [subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _ in range(2)]
-    wait_ready(go, 2, procs)
-    go.touch()
-    if stop_winner:  # once one is refused and the other's study exists (its MLflow run is made)
-        journal = folder / "stain-search-runs" / "race" / "study.journal"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (
-                sum(p.poll() is not None for p in procs) >= 1 and journal.exists()):
-            time.sleep(0.05)
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
+    procs = start_together("from stain_search.cli import main", "sys.exit(main(sys.argv[2:]))",
+                           [["run", "tiny.yaml"]] * 2, cwd=folder, env=env,
+                           start_new_session=True)
+    if stop_winner:  # once one has ended and the other says "search …" (its study exists)
+        ended, studied = wait_refused_and_started(procs, timeout)
+        if studied is not None and studied.poll() is None and ended:
+            os.killpg(studied.pid, signal.SIGINT)
     outs = [p.communicate(timeout=timeout) for p in procs]
     codes = sorted(p.returncode for p in procs)
     won = [0, 130] if stop_winner else [0]

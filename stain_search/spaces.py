@@ -28,7 +28,6 @@ Every key is checked against the training config (stain_search.config).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +39,8 @@ from stain_search.constraints import Constraint, parse_constraints
 from stain_search.objectives import METRIC_ALIASES, reported_metrics, resolve_metric
 from stain_search.pbt import ALGORITHMS as POPULATION_ALGORITHMS
 from stain_search.pbt import PBTSettings, check_pbt
+from stain_search.space_params import (Param, as_mapping, check_conditions, key_error,
+                                       parse_param)
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
@@ -47,20 +48,8 @@ if not SPACES_DIR.is_dir():  # installed (non-editable): the bundled copy
 
 TOP_KEYS = ("name", "description", "data", "base", "space", "objective", "constraints", "search",
             "resources", "profiles", "storage")  # profiles: scales of one space (stain_search.profiles)
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 ALGORITHMS = ("tpe", "random", "nsga2", *POPULATION_ALGORITHMS)  # pbt, pb2: stain_search.pbt
 PRUNERS = ("none", "median", "successive_halving")
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str  # dotted training-config key
-    distribution: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    choices: tuple = ()
-    when: tuple[tuple[str, tuple], ...] = ()  # ((parent key, allowed values), ...)
 
 
 @dataclass(frozen=True)
@@ -183,18 +172,6 @@ def load_space(name: str | Path, *, data: str | None = None, profile: str | None
                        check_objective=check_objective)
 
 
-def _err(path: Path, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{path}: `{key}`: {msg}")
-
-
-def _mapping(value: Any, *, path: Path, key: str) -> Mapping:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _err(path, key, f"expected a mapping, got {value!r}")
-    return value
-
-
 def _flatten_base(raw: Mapping, *, path: Path) -> dict[str, Any]:
     """Accept `base` as dotted keys or as nested sections (or both)."""
     out: dict[str, Any] = {}
@@ -208,11 +185,11 @@ def _flatten_base(raw: Mapping, *, path: Path) -> dict[str, Any]:
 
 
 def _dataclass_from(cls, raw: Any, *, path: Path, key: str):
-    raw = dict(_mapping(raw, path=path, key=key))
+    raw = dict(as_mapping(raw, path=path, key=key))
     names = {f.name: f for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise _err(path, f"{key}.{k}", f"unknown key{cfg.suggest(k, list(names))} "
+            raise key_error(path, f"{key}.{k}", f"unknown key{cfg.suggest(k, list(names))} "
                        f"(known: {', '.join(names)})")
     hints = cfg.field_types(cls)
     values = {}
@@ -224,124 +201,10 @@ def _dataclass_from(cls, raw: Any, *, path: Path, key: str):
     return cls(**values)
 
 
-def _parse_param(key: str, raw: Any, *, path: Path, types: Mapping[str, Any]) -> Param:
-    where = f"space.{key}"
-    if key not in types:
-        raise _err(path, where, f"unknown training key{cfg.suggest(key, list(types))}")
-    body = dict(_mapping(raw, path=path, key=where))
-    dist = body.pop("distribution", None)
-    if dist not in DISTRIBUTIONS:
-        raise _err(path, f"{where}.distribution",
-                   f"{dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
-    when_raw = body.pop("when", None)
-    allowed = {"choice": {"choices"}}.get(dist, {"low", "high", "step"})
-    for k in body:
-        if k not in allowed:
-            raise _err(path, f"{where}.{k}", f"unknown key for a {dist} distribution"
-                       f"{cfg.suggest(k, sorted(allowed))} (expected: {', '.join(sorted(allowed))})")
-    when: tuple = ()
-    if when_raw is not None:
-        w = _mapping(when_raw, path=path, key=f"{where}.when")
-        when = tuple((str(k), tuple(v if isinstance(v, list) else [v])) for k, v in w.items())
-    if dist == "choice":
-        choices = body.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise _err(path, f"{where}.choices", "a choice needs a non-empty list of options")
-        values = [cfg.coerce(c, types[key], key=key, where=f"{path}: space.") for c in choices]
-        repeated = sorted({repr(c) for c, v in zip(choices, values) if values.count(v) > 1})
-        if repeated:  # Optuna would draw a repeated option more often than the others
-            raise _err(path, f"{where}.choices", f"{', '.join(repeated)} listed more than once: "
-                       f"list each option once")
-        return Param(key, dist, choices=tuple(choices), when=when)
-    for k in ("low", "high"):
-        if k not in body:
-            raise _err(path, f"{where}.{k}", f"a {dist} distribution needs `{k}`")
-        if not isinstance(body[k], (int, float)) or isinstance(body[k], bool):
-            try:
-                body[k] = float(body[k])
-            except (TypeError, ValueError):
-                raise _err(path, f"{where}.{k}", f"expected a number, got {body[k]!r}") from None
-    low, high = body["low"], body["high"]
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise _err(path, where, "low and high must be finite")
-    if low > high:
-        raise _err(path, where, f"low ({low}) is above high ({high})")
-    if dist in ("loguniform", "logint") and low <= 0:
-        raise _err(path, where, f"a log range must be above zero, got low = {low} "
-                   f"(use `uniform`, or a positive low such as {high / 1000:g})")
-    if dist in ("int", "logint"):
-        if float(low) != int(low) or float(high) != int(high):
-            raise _err(path, where, f"an int range needs whole numbers, got {low}..{high}")
-        low, high = int(low), int(high)
-    kind = types[key]
-    numeric = {int, float}
-    base_kind = next((a for a in getattr(kind, "__args__", (kind,)) if a in numeric), None)
-    if base_kind is None:
-        raise _err(path, where, f"`{key}` is not numeric: use `distribution: choice`")
-    if base_kind is int and dist in ("uniform", "loguniform"):
-        raise _err(path, where, f"`{key}` takes whole numbers: use `int` or `logint`")
-    step = _parse_step(body.get("step"), dist, low, high, path=path, where=where)
-    return Param(key, dist, low=low, high=high, step=step, when=when)
-
-
-def _parse_step(step: Any, dist: str, low: float, high: float, *, path: Path,
-                where: str) -> float | int | None:
-    """A grid step that Optuna can sample: positive, on a linear scale, and
-    dividing the range, so both ends of the range are reachable."""
-    if step is None:
-        return None
-    key = f"{where}.step"
-    if dist in ("loguniform", "logint"):
-        linear = "uniform" if dist == "loguniform" else "int"
-        raise _err(path, key, f"a {dist} range has no step (Optuna samples a log scale "
-                   f"without a grid): drop `step`, or use `distribution: {linear}` with it")
-    if isinstance(step, str):  # YAML reads 1e-2 (no dot) as a string
-        try:
-            step = float(step)
-        except ValueError:
-            pass
-    if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
-        raise _err(path, key, f"expected a finite number, got {step!r}")
-    if step <= 0:
-        raise _err(path, key, f"must be positive, got {step}")
-    if dist == "int":
-        if float(step) != int(step):
-            raise _err(path, key, f"an int range needs a whole step, got {step}")
-        step = int(step)
-    count = (high - low) / step  # grid intervals from low to high
-    if high > low and count < 1 - 1e-9:
-        raise _err(path, key, f"{step} is wider than the range {low}..{high}: use a step "
-                   f"of at most {high - low:g}")
-    if not math.isclose(count, round(count), rel_tol=0, abs_tol=1e-9):
-        fits = low + math.floor(count) * step
-        raise _err(path, key, f"{step} does not divide the range {low}..{high}, so high "
-                   f"would never be drawn: use a step that does, or high: {fits:g}")
-    return step
-
-
-def _refuse_condition_cycles(by_key: Mapping[str, Param], *, path: Path) -> None:
-    """``a`` when ``b``, ``b`` when ``a`` (or a longer loop): none of them is
-    ever drawn, since each waits for another."""
-    done: set[str] = set()
-
-    def visit(key: str, trail: list[str]) -> None:
-        if key in trail:
-            loop = " → ".join([*trail[trail.index(key):], key])
-            raise _err(path, f"space.{key}.when", f"the conditions form a loop ({loop}), so "
-                       f"none of them is ever drawn: make one of them unconditional")
-        if key not in done:
-            for parent, _ in by_key[key].when:
-                visit(parent, [*trail, key])
-            done.add(key)
-
-    for key in by_key:
-        visit(key, [])
-
-
 def _storage(value: Any, *, path: Path) -> str | None:
     if value is None or (isinstance(value, str) and value.strip()):
         return value and value.strip()
-    raise _err(path, "storage", f"{value!r}: give a folder or a URI such as s3://bucket/runs")
+    raise key_error(path, "storage", f"{value!r}: give a folder or a URI such as s3://bucket/runs")
 
 
 def parse_space(raw: Any, *, path: Path, data: str | None = None,
@@ -372,11 +235,11 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
                     check_objective: bool) -> SearchSpec:
     for key in raw:
         if key not in TOP_KEYS:
-            raise _err(path, str(key), f"unknown key{cfg.suggest(str(key), list(TOP_KEYS))} "
+            raise key_error(path, str(key), f"unknown key{cfg.suggest(str(key), list(TOP_KEYS))} "
                        f"(known: {', '.join(TOP_KEYS)})")
     name = cfg.check_name(str(raw.get("name") or path.stem), what=f"{path}: `name`:")
     types = {f"{s}.{k}": t for s, c in cfg.SECTIONS.items() for k, t in cfg.field_types(c).items()}
-    base = _flatten_base(_mapping(raw.get("base"), path=path, key="base"), path=path)
+    base = _flatten_base(as_mapping(raw.get("base"), path=path, key="base"), path=path)
     if raw.get("data") is not None:
         base["data.path"] = str(raw["data"])
     if data is not None:
@@ -389,33 +252,16 @@ def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,
     except ConfigError as err:
         raise ConfigError(f"{path}: base: {str(err).removeprefix('overrides: ')}") from None
 
-    space_raw = _mapping(raw.get("space"), path=path, key="space")
+    space_raw = as_mapping(raw.get("space"), path=path, key="space")
     if not space_raw:
-        raise _err(path, "space", "empty: name at least one training key to explore")
-    params = [_parse_param(str(k), v, path=path, types=types) for k, v in space_raw.items()]
-    by_key = {p.key: p for p in params}
-    for p in params:
-        for parent, values in p.when:
-            if parent == p.key:
-                raise _err(path, f"space.{p.key}.when", "refers to itself, so it can never hold")
-            if not values:
-                raise _err(path, f"space.{p.key}.when.{parent}", "an empty list of values can "
-                           f"never hold: name the values of `{parent}` it applies to")
-            if parent not in by_key or by_key[parent].distribution != "choice":
-                raise _err(path, f"space.{p.key}.when",
-                           f"refers to `{parent}`, which is not a `choice` in this space")
-            bad = [v for v in values if v not in by_key[parent].choices]
-            if bad:
-                raise _err(path, f"space.{p.key}.when", f"{bad} not among the choices of "
-                           f"`{parent}` ({list(by_key[parent].choices)})")
-        if p.key in base:
-            raise _err(path, f"space.{p.key}", "also fixed in `base`: keep it in one place")
-    _refuse_condition_cycles(by_key, path=path)
+        raise key_error(path, "space", "empty: name at least one training key to explore")
+    params = [parse_param(str(k), v, path=path, types=types) for k, v in space_raw.items()]
+    check_conditions(params, base, path=path)
 
     search = _dataclass_from(SearchSettings, raw.get("search"), path=path, key="search")
-    if "pbt" in _mapping(raw.get("search"), path=path, key="search") and \
+    if "pbt" in as_mapping(raw.get("search"), path=path, key="search") and \
             search.algorithm not in POPULATION_ALGORITHMS:
-        raise _err(path, "search.pbt", f"settings of population-based training, but the "
+        raise key_error(path, "search.pbt", f"settings of population-based training, but the "
                    f"algorithm is {search.algorithm}: use algorithm: pbt (or pb2), or drop it")
     resources = _dataclass_from(Resources, raw.get("resources"), path=path, key="resources")
     objectives = _parse_objectives(raw.get("objective"), path=path, base_config=base_config,
@@ -447,88 +293,88 @@ def _parse_objectives(raw: Any, *, path: Path, base_config: cfg.Config, check: b
 
     items = raw if isinstance(raw, list) else [raw]
     if raw is None or not items:
-        raise _err(path, "objective", "missing: e.g. {metric: frechet, mode: min}")
+        raise key_error(path, "objective", "missing: e.g. {metric: frechet, mode: min}")
     directions = metric_directions()
     reported = reported_metrics(base_config) if check else set(directions) | set(METRIC_ALIASES)
     out = []
     for i, item in enumerate(items):
         key = "objective" if not isinstance(raw, list) else f"objective[{i}]"
-        item = _mapping(item, path=path, key=key)
+        item = as_mapping(item, path=path, key=key)
         unknown = set(item) - {"metric", "mode"}
         if unknown:
-            raise _err(path, f"{key}.{sorted(unknown)[0]}", "unknown key (expected metric, mode)")
+            raise key_error(path, f"{key}.{sorted(unknown)[0]}", "unknown key (expected metric, mode)")
         metric, mode = item.get("metric"), item.get("mode")
         if mode not in ("min", "max"):
-            raise _err(path, f"{key}.mode", f"{mode!r}: expected min or max")
+            raise key_error(path, f"{key}.mode", f"{mode!r}: expected min or max")
         metric = resolve_metric(metric, base_config, reported=reported,
                                 where=f"{path}: `{key}.metric`")
         if directions[metric] != mode:
-            raise _err(path, f"{key}.mode", f"{metric} is better when "
+            raise key_error(path, f"{key}.mode", f"{metric} is better when "
                        f"{'lower' if directions[metric] == 'min' else 'higher'}: "
                        f"use mode: {directions[metric]}")
         out.append(Objective(metric, mode))
     if len({o.metric for o in out}) != len(out):
-        raise _err(path, "objective", "the same metric is listed twice")
+        raise key_error(path, "objective", "the same metric is listed twice")
     return out
 
 
 def _check_search(search: SearchSettings, objectives: list[Objective], resources: Resources,
                   *, path: Path) -> None:
     if search.algorithm not in ALGORITHMS:
-        raise _err(path, "search.algorithm", f"{search.algorithm!r} is not one of "
+        raise key_error(path, "search.algorithm", f"{search.algorithm!r} is not one of "
                    f"{', '.join(ALGORITHMS)}")
     if search.num_samples < 1:
-        raise _err(path, "search.num_samples", "must be at least 1")
+        raise key_error(path, "search.num_samples", "must be at least 1")
     if search.max_concurrent < 1:
-        raise _err(path, "search.max_concurrent", "must be at least 1")
+        raise key_error(path, "search.max_concurrent", "must be at least 1")
     es = search.early_stopping
     if es.pruner not in PRUNERS:
-        raise _err(path, "search.early_stopping.pruner",
+        raise key_error(path, "search.early_stopping.pruner",
                    f"{es.pruner!r} is not one of {', '.join(PRUNERS)}")
     if es.pruner != "none" and len(objectives) > 1 and es.metric is None:
-        raise _err(path, "search.early_stopping.metric", "a Pareto search has several "
+        raise key_error(path, "search.early_stopping.metric", "a Pareto search has several "
                    "objectives: name the one metric that decides pruning")
     if es.pruner == "successive_halving" and len(objectives) > 1:
-        raise _err(path, "search.early_stopping.pruner", "successive halving ranks trials "
+        raise key_error(path, "search.early_stopping.pruner", "successive halving ranks trials "
                    "by one value and cannot prune a Pareto search: use `median` (applied to "
                    "early_stopping.metric) or `none`")
     if search.algorithm == "nsga2" and search.num_samples < 2 * search.population_size:
-        raise _err(path, "search.algorithm", f"NSGA-II with population_size "
+        raise key_error(path, "search.algorithm", f"NSGA-II with population_size "
                    f"{search.population_size} and num_samples {search.num_samples} only "
                    f"draws its random first generation: use `algorithm: tpe` (multi-"
                    f"objective TPE), or num_samples ≥ {2 * search.population_size}")
     if search.population_size < 2:
-        raise _err(path, "search.population_size", "must be at least 2")
+        raise key_error(path, "search.population_size", "must be at least 2")
     if es.grace_period < 1:
-        raise _err(path, "search.early_stopping.grace_period", "must be at least 1 epoch")
+        raise key_error(path, "search.early_stopping.grace_period", "must be at least 1 epoch")
     if resources.workers_per_trial < 1:
-        raise _err(path, "resources.workers_per_trial", "must be at least 1")
+        raise key_error(path, "resources.workers_per_trial", "must be at least 1")
     if resources.gpus_per_worker < 0 or resources.cpus_per_worker <= 0:
-        raise _err(path, "resources", "cpus_per_worker > 0 and gpus_per_worker ≥ 0")
+        raise key_error(path, "resources", "cpus_per_worker > 0 and gpus_per_worker ≥ 0")
     if resources.executor not in EXECUTORS:
-        raise _err(path, "resources.executor",
+        raise key_error(path, "resources.executor",
                    f"{resources.executor!r} is not one of {', '.join(EXECUTORS)}")
     if resources.executor == "in_trial" and resources.workers_per_trial > 1:
-        raise _err(path, "resources.executor", "in_trial runs one worker; use ray_train "
+        raise key_error(path, "resources.executor", "in_trial runs one worker; use ray_train "
                    "(or auto) for workers_per_trial > 1")
     if resources.max_failures < 0:
-        raise _err(path, "resources.max_failures", "must be 0 or more")
+        raise key_error(path, "resources.max_failures", "must be 0 or more")
 
 
 def _check_enqueue(search: SearchSettings, params: list[Param], *, path: Path) -> None:
     by_key = {p.key: p for p in params}
     for i, point in enumerate(search.enqueue or []):
         where = f"search.enqueue[{i}]"
-        point = _mapping(point, path=path, key=where)
+        point = as_mapping(point, path=path, key=where)
         for key, value in point.items():
             p = by_key.get(key)
             if p is None:
-                raise _err(path, f"{where}.{key}", f"not a parameter of this space"
+                raise key_error(path, f"{where}.{key}", f"not a parameter of this space"
                            f"{cfg.suggest(str(key), list(by_key))}")
             inside = (value in p.choices if p.distribution == "choice"
                       else isinstance(value, (int, float)) and p.low <= value <= p.high)
             if not inside:
-                raise _err(path, f"{where}.{key}", f"{value!r} is outside the space "
+                raise key_error(path, f"{where}.{key}", f"{value!r} is outside the space "
                            f"({list(p.choices) if p.choices else f'{p.low}..{p.high}'})")
 
 

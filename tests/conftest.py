@@ -15,7 +15,6 @@ import select
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,32 +132,20 @@ def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float
 
 
 def wait_until_gone(session: int, *, timeout: float = 120) -> None:
-    """Wait until no live process is left in the process session ``session``
-    (a driver started with ``start_new_session=True`` and SIGKILLed with its
-    group: the Ray it started may take a moment to go). A deadline on that
-    condition, never a fixed sleep."""
-    def left() -> list[str]:
-        found = []
-        for p in psutil.process_iter(["pid", "status", "cmdline"]):
-            try:
-                if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:80]}")
-            except (ProcessLookupError, PermissionError):
-                continue
-        return found
-
-    deadline = time.monotonic() + timeout
-    while (still := left()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not still, f"still running {timeout:.0f} s after the kill: {still}"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _cache_dir(tmp_path_factory):
-    """One phantom cache per session (generated on first use, ~5 s)."""
-    if "STAIN_SEARCH_CACHE" not in os.environ:
-        os.environ["STAIN_SEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
+    """Wait until every live process of the process session ``session`` has
+    exited (a driver started with ``start_new_session=True`` and SIGKILLed with
+    its group: the Ray it started may take a moment to go): psutil waits on
+    them, bounded by ``timeout``."""
+    members = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    still = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not still, f"still running {timeout:.0f} s after the kill: {[p.pid for p in still]}"
 
 
 def ensure_local_ray() -> None:

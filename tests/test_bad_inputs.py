@@ -16,7 +16,6 @@ import copy
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -687,10 +686,13 @@ def test_the_alias_bomb_is_refused_quickly_in_bounded_memory(tmp_path):
     assert done.stdout.startswith("ConfigError") and "aliases" in done.stdout, done.stdout
 
 
-OPEN_STORE = ("import os, sys, time\nfrom stain_search import tracking\n"
-              "open(sys.argv[1] + f'.ready-{os.getpid()}', 'w').close()\n"
-              "while not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
-              "tracking.get_or_create_experiment(tracking.client(sys.argv[2]), 'e', uri=sys.argv[2])")
+def _bench(name: str):
+    """A module of bench/ (its helpers serve tests too)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
 
 
 def test_stores_created_by_two_processes_at_once_are_whole(tmp_path):
@@ -702,19 +704,13 @@ def test_stores_created_by_two_processes_at_once_are_whole(tmp_path):
     from stain_search import tracking
     from stain_search.mlflow_store import _tables
 
-    go = tmp_path / "go"
     stores = [tmp_path / f"pair{i}" / "mlflow.db" for i in range(3)]
-    procs = []
     for db in stores:
         db.parent.mkdir()
-        procs += [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go), f"sqlite:///{db}"],
-                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    deadline = time.monotonic() + 300
-    while len(list(tmp_path.glob("go.ready-*"))) < len(procs):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-            [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
-        time.sleep(0.05)
-    go.touch()
+    procs = _bench("driver_race").start_together(
+        "from stain_search import tracking",
+        "uri = sys.argv[2]\ntracking.get_or_create_experiment(tracking.client(uri), 'e', uri=uri)",
+        [[f"sqlite:///{db}"] for db in stores for _ in range(2)])
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * len(procs), [e[-2000:] for e in errors]
     for db in stores:
@@ -929,11 +925,7 @@ def test_two_drivers_started_together_end_with_one_search_and_a_usable_store(tmp
     """`stain-search run tiny.yaml` twice in the same instant in a fresh folder
     (bench/driver_race.py repeats this 50 times by hand): one runs the search,
     the other is refused in one line, and the store is usable afterwards."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        from driver_race import one_pair
-    finally:
-        sys.path.pop(0)
+    one_pair = _bench("driver_race").one_pair
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("MLFLOW_TRACKING_URI", None)
     row = one_pair(tmp_path, env, timeout=540)

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cluster_services import wait_for as wait_for_condition
 from stain_search import mlflow_ui, registry, tracking
 from stain_search.services import alive
 
@@ -131,15 +132,14 @@ def _cmdline(p: psutil.Process) -> str:
 def wait_for_job_consumers(proc: subprocess.Popen, *, timeout: float = STARTUP_S) -> None:
     """Until every job consumer is in stain-search's process tree, so the tree
     the stop is checked against holds them all."""
-    want, found = expected_job_consumers(), 0
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sum(1 for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "huey_consumer" in _cmdline(p))
-        if found >= want:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{found} of {want} MLflow job consumers started in {timeout} s")
+    want = expected_job_consumers()
+
+    def started() -> bool:
+        assert proc.poll() is None, f"the server exited early (status {proc.returncode})"
+        return sum("huey_consumer" in _cmdline(p)
+                   for p in psutil.Process(proc.pid).children(recursive=True)) >= want
+
+    wait_for_condition(f"{want} MLflow job consumers", started, services=[], timeout=timeout)
 
 
 def test_sigterm_stops_the_whole_server(tmp_path):
@@ -170,12 +170,11 @@ def test_a_killed_cli_leaves_no_server_behind(tmp_path):
         raise
     proc.kill()
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 120
-    while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.25)
+    _, left = psutil.wait_procs(tree, timeout=120)
+    left = [p for p in left if alive(p)]
     for p in left:
         p.kill()
-    assert not left, [" ".join(p.cmdline())[:80] for p in left if alive(p)]
+    assert not left, [p.pid for p in left]
 
 
 def test_a_server_is_announced_only_once_it_answers(tmp_path):
