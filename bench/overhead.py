@@ -260,6 +260,7 @@ def run_one_search(space: Path, root: Path, *, reuse_actors: bool | None,
 
     import stain_search.search as search_mod
     import stain_search.study as study_mod
+    import stain_search.study_searcher as searcher_mod
     import stain_search.trainables.cyclegan as ct
 
     path = str(stamps)
@@ -273,9 +274,10 @@ def run_one_search(space: Path, root: Path, *, reuse_actors: bool | None,
         _patch(stack, ray, "shutdown", path, "ray.shutdown@driver")
         _patch(stack, tune.Tuner, "fit", path, "tuner_fit")
         _patch(stack, search_mod, "deploy_selection", path, "driver.summarize")
-        _patch(stack, study_mod, "create_study", path, "optuna.create_study@driver")
-        _patch(stack, study_mod.StudySearcher, "suggest", path, "optuna.suggest@driver")
-        _patch(stack, study_mod.StudySearcher, "on_trial_complete", path, "optuna.tell@driver")
+        for module in (study_mod, searcher_mod):  # the driver's and the searcher's
+            _patch(stack, module, "create_study", path, "optuna.create_study@driver")
+        _patch(stack, searcher_mod.StudySearcher, "suggest", path, "optuna.suggest@driver")
+        _patch(stack, searcher_mod.StudySearcher, "on_trial_complete", path, "optuna.tell@driver")
         _patch_tracking(stack, path, "driver")
         _stamp(path, "search_start")
         t0 = time.perf_counter()

@@ -23,12 +23,13 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stain_search.atomic import atomic_dir
 from stain_search.errors import StainSearchError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "stain-search-checkpoint/1"
 STATE_FILE = "state.pt"
@@ -52,6 +53,8 @@ def write_checkpoint(folder: Path, *, state: dict, meta: dict[str, Any]) -> Path
     # Serialised in memory, then written as plain bytes: torch's zip writer turns
     # a full disk into a RuntimeError ("unexpected pos"), a file write into the
     # OSError (ENOSPC, EDQUOT) that tells a search to stop and say why.
+    import torch  # here, not above: readers of meta.json (status, best) never load torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     # What the weights were when written: a file that no longer matches is never trusted.
@@ -129,6 +132,8 @@ def read_checkpoint(folder: Path, *, map_location: str | torch.device = "cpu") -
         raise CheckpointError(f"{problem}; this checkpoint cannot be used: pick another "
                               f"(`stain-search best` ranks the usable ones)")
     try:
+        import torch
+
         state = torch.load(state_file(folder), map_location=map_location, weights_only=True)
     except StainSearchError:
         raise

@@ -291,9 +291,9 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from stain_search.study import (StudySearcher, create_study, fail_stale_trials,
-                                    finished_count, serve_study, set_aside_torn_tail,
-                                    unfinished_numbers)
+    from stain_search.study import (create_study, fail_stale_trials, finished_count,
+                                    serve_study, set_aside_torn_tail, unfinished_numbers)
+    from stain_search.study_searcher import StudySearcher
     from stain_search.study_proxy import driver_host
     from stain_search.trainables.cyclegan import cyclegan_trial
 

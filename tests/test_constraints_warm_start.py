@@ -20,8 +20,9 @@ from stain_search.errors import ConfigError
 from stain_search.search_dir import SearchDir, identity_of
 from stain_search.constraints import Constraint
 from stain_search.spaces import load_space
-from stain_search.study import (CONSTRAINTS, StudySearcher, create_study, is_feasible,
+from stain_search.study import (CONSTRAINTS, create_study, is_feasible,
                                 make_sampler, open_study)
+from stain_search.study_searcher import StudySearcher
 
 SSIM_MIN = "[{metric: ssim_structure, min: 0.6}, {metric: stain_area_error, max: 0.05}]"
 

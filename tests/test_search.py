@@ -123,3 +123,22 @@ def test_status_of_a_finished_search_and_the_listing(finished_search, capsys):
     assert main(["status", "--storage", storage]) == 0
     [line] = capsys.readouterr().out.strip().splitlines()
     assert line.split()[:3] == [finished_search.name, "finished", "3/3"]
+
+
+def test_the_readers_load_neither_ray_nor_torch(finished_search):
+    """`status` and `best` read the search folder, the study and MLflow: no Ray
+    (docs/ARCHITECTURE.md: the readers need none) and no torch (checkpoint
+    metadata is JSON), so they answer in the time MLflow takes to open."""
+    import subprocess
+    import sys
+
+    common = ["--storage", str(finished_search.search_dir.parent),
+              "--tracking-uri", finished_search.tracking_uri]
+    code = ("import sys\nfrom stain_search.cli import main\n"
+            f"for argv in ({['status', 'tiny', *common]!r}, {['best', 'tiny', *common]!r}):\n"
+            "    assert main(argv) == 0, argv\n"
+            "print(sorted({'ray', 'torch'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
