@@ -94,15 +94,22 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleScheduling(config, log)
 
 
-# The longest modules first (docs/testing.md), so that on two workers none of
-# them is left to run alone at the end while the other worker idles.
-LONGEST_FIRST = ("tests/test_readme.py", "tests/test_pbt.py", "tests/test_faults.py",
-                 "tests/test_interrupt.py", "tests/test_confirm.py")
+# The longest units first (docs/testing.md: the cluster modules together, then the
+# longest modules), so that on two workers none of them is left to run alone at the
+# end while the other worker idles.
+LONGEST_FIRST = ("cluster", "tests/test_pbt.py", "tests/test_faults.py", "tests/test_readme.py",
+                 "tests/test_interrupt.py", "tests/test_bench_smoke.py", "tests/test_confirm.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    cluster = cluster_modules(Path(__file__).parent)
+
+    def unit(item) -> str:
+        module = item.nodeid.split("::", 1)[0]
+        return "cluster" if module in cluster else module
+
+    items.sort(key=lambda item: rank.get(unit(item), len(rank)))
 
 
 def run_on_terminal(argv: list[str], *, cwd, env: dict[str, str], timeout: float = 600

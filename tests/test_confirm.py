@@ -162,8 +162,10 @@ def test_a_stopped_confirmation_continues_and_repeats_nothing(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
     cli = [sys.executable, "-m", "stain_search.cli"]
-    subprocess.run([*cli, "run", str(space), *common], check=True, env=env, cwd=tmp_path,
-                   capture_output=True, timeout=600)
+    from stain_search.search import run_search
+
+    ensure_local_ray()  # the search confirmed is set-up, made in this process
+    run_search(space, storage=tmp_path / "runs", tracking_uri=uri, verbose=0)
     cdir = SearchDir.of(tmp_path / "runs", "stop").confirmation
     proc = subprocess.Popen([*cli, "confirm", "stop", "--top", "1", "--seeds", "2", *common],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE,
