@@ -12,7 +12,8 @@ from skimage.draw import disk
 from stain_search.config import EvalConfig
 from stain_search.errors import ConfigError, TrainingDiverged
 from stain_search.evaluate import (COUNT_KEYS, INFO_KEYS, Evaluator, eval_mode, metric_directions,
-                                   output_diversity, reported_metrics, sample_grid)
+                                   output_diversity, reported_metrics, sample_grid,
+                                   tile_grid)
 from stain_search.metrics import frechet
 from stain_search.storage import CACHE_ENV
 
@@ -143,6 +144,14 @@ def test_sample_grid_shape_and_content(with_target):
     if with_target:
         target = ((-x[0].permute(1, 2, 0).numpy() + 1) / 2 * 255).round()
         np.testing.assert_allclose(grid[2:34, 2 + 3 * 34:34 + 3 * 34], target, atol=1)
+
+
+def test_tile_grid_lays_tiles_out_as_torchvisions_make_grid():
+    from torchvision.utils import make_grid
+
+    tiles = torch.rand(3, 4, 3, 10, 7, generator=torch.Generator().manual_seed(0))
+    expected = make_grid(tiles.flatten(0, 1), nrow=4, padding=2, pad_value=1.0)
+    assert torch.equal(tile_grid(tiles), expected)
 
 
 def dab_tile(centres, *, size=48) -> torch.Tensor:

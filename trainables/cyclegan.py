@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,6 @@ import ray.train
 import ray.tune
 import torch
 import torch.distributed as dist
-from ray.train import FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from ray.train.v2.api.callback import UserCallback
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from stain_search import tracking
 from stain_search.cluster import unplaced_message, worker_group_retries
@@ -356,12 +351,22 @@ def start_pbt_member(ctx: TrialContext, number: int, name: str, params: dict[str
 
 
 def ray_train_fit(wctx: WorkerContext):
-    """The ``ray_train`` executor: one TorchTrainer (DDP over its workers)."""
+    """The ``ray_train`` executor: one TorchTrainer (DDP over its workers).
+
+    Ray Train's TorchTrainer and callbacks are imported here, not above: an
+    ``in_trial`` trial process (the default) and the driver never load them
+    (~1.5-3 s of imports on 2 cores)."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from stain_search.trainables.member_results import MemberResults
+
     resources = wctx.trial.resources
     use_gpu = resources.gpus_per_worker > 0
     # A PBT member's results come back through this trial, which hands Tune
     # the pointer checkpoint (Ray's TuneReportCallback forwards no checkpoint).
-    forward = _MemberResults() if wctx.trial.mutate else None
+    forward = MemberResults() if wctx.trial.mutate else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"ctx": wctx},
@@ -378,47 +383,10 @@ def ray_train_fit(wctx: WorkerContext):
                                          controller_failure_limit=worker_group_retries())),
     )
     try:
-        return trainer.fit() if forward is None else forward.fit(trainer, wctx)
+        if forward is None:
+            return trainer.fit()
+        return forward.fit(trainer, report=lambda metrics: report_to_tune(metrics, wctx))
     except ray.train.ControllerError as err:
         if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
         raise RuntimeError(f"{wctx.trial_name}: {unplaced_message(resources)}") from None
-
-
-class _MemberResults(UserCallback):
-    """Ray Train's rank-0 results, handed to this Tune trial one at a time
-    (a one-slot queue): the trial reports each to Tune itself, with a PBT
-    pointer checkpoint where one belongs (:func:`report_to_tune`)."""
-
-    def __init__(self):
-        from ray.util.queue import Queue
-
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put(dict(metrics[0]))  # runs in Ray Train's controller
-
-    def fit(self, trainer: TorchTrainer, wctx: WorkerContext):
-        from ray.util.queue import Empty
-
-        out: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                out["result"] = trainer.fit()
-            except BaseException as err:  # noqa: BLE001 - raised below, in the trial
-                out["error"] = err
-
-        thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-        thread.start()
-        while thread.is_alive() or not self.queue.empty():
-            try:
-                item = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            report_to_tune(item, wctx)
-        thread.join()
-        self.queue.shutdown()
-        if "error" in out:
-            raise out["error"]
-        return out["result"]
