@@ -30,7 +30,7 @@ import numpy as np
 import optuna
 from ray import tune
 from ray.tune import Callback
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2
 
 from stain_search.pbt import clip
@@ -42,9 +42,22 @@ IDENTITY = (OPTUNA_TRIAL_ID, OPTUNA_NUMBER, TAGS)
 
 
 class _Members:
-    """Keeps the recipient's identity and the space's bounds through an exploit."""
+    """Keeps the recipient's identity and the space's bounds through an exploit,
+    and never exploits at a member's last epoch."""
 
     bounds: dict[str, tuple[float, float]] = {}
+    last_epoch: int | None = None  # the members' train.epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        # An exploit at the last epoch would end the member on a copy of its
+        # donor's checkpoint with no epoch of its own after it: the same weights
+        # and score twice in the population, and no checkpoint of the member's own
+        # for the deploy rule to pick (a copy counts as its donor's). Asynchronous
+        # PBT only: synchronous PBT waits for every member at each interval.
+        if not self._synch and self.last_epoch is not None \
+                and result.get(self._time_attr, 0) >= self.last_epoch:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
     def _get_new_config(self, trial, trial_to_clone):
         # The one extension point Ray's PB2 itself overrides: the donor's
@@ -84,6 +97,7 @@ def build_scheduler(spec: SearchSpec):
         scheduler = MemberPBT(hyperparam_mutations={PARAMS: domain},
                               resample_probability=settings.resample_probability, **common)
     scheduler.bounds = bounds
+    scheduler.last_epoch = spec.base_config().train.epochs
     return scheduler
 
 

@@ -126,6 +126,24 @@ def test_explore_keeps_the_recipients_identity_and_the_spaces_bounds(tmp_path, a
         assert 1.0e-4 <= new[PARAMS]["optim.lr_g"] <= 1.0e-3
 
 
+@pytest.mark.parametrize("algorithm", ["pbt", "pb2"])
+def test_no_member_exploits_at_its_last_epoch(tmp_path, algorithm, monkeypatch):
+    """An exploit then would leave the member holding only its donor's copy (seen
+    under load: a COMPLETE member with no checkpoint of its own, so no schedule)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    spec = load_space(pbt_space(tmp_path, epochs=8, algorithm=algorithm))
+    scheduler = build_scheduler(spec)
+    scheduler.set_search_properties("frechet", "min")
+    calls = []  # Ray's own decision, stubbed: it needs a running Tune controller
+    monkeypatch.setattr(PopulationBasedTraining, "on_trial_result",
+                        lambda self, controller, trial, result: calls.append(result) or "ray")
+    member = SimpleNamespace(trial_id="a", config={})
+    assert scheduler.on_trial_result(None, member, {"epoch": 8, "frechet": 1.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, member, {"epoch": 7, "frechet": 1.0}) == "ray"
+    assert [r["epoch"] for r in calls] == [7]
+
+
 def test_the_param_space_names_every_preset_path():
     configs = [{PARAMS: {"a": 1}, OPTUNA_NUMBER: 0, TAGS: {}},
                {PARAMS: {"a": 2, "b": 3}, OPTUNA_NUMBER: 1, TAGS: {"t": "x"}}]
