@@ -67,7 +67,10 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     with open(server.log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                                # no GenAI job runners (8 processes, ~40 s of CPU):
+                                # not what these tests are about (cli.ui_environment)
+                                env={**os.environ, "MLFLOW_TRACKING_URI": "",
+                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not answers(server.uri):

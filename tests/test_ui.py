@@ -20,7 +20,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster_services import wait_for as wait_for_condition
 from stain_search import mlflow_ui, registry, tracking
 from stain_search.services import alive
 
@@ -28,7 +27,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
-# MLflow starts uvicorn workers and huey consumers: slow on 2 busy cores.
+# MLflow's CLI, then uvicorn: slow on 2 busy cores.
 STARTUP_S = 420
 
 
@@ -113,15 +112,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def expected_job_consumers() -> int:
-    """The huey consumers MLflow's job runner starts: one per job kind, plus one
-    for periodic tasks where those are enabled (mlflow.server.jobs._job_runner)."""
-    from mlflow.environment_variables import MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS
-    from mlflow.server.jobs.utils import _job_name_to_fn_fullname_map
-
-    return len(_job_name_to_fn_fullname_map) + bool(MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS.get())
-
-
 def _cmdline(p: psutil.Process) -> str:
     try:
         return " ".join(p.cmdline()) if alive(p) else ""
@@ -129,17 +119,16 @@ def _cmdline(p: psutil.Process) -> str:
         return ""
 
 
-def wait_for_job_consumers(proc: subprocess.Popen, *, timeout: float = STARTUP_S) -> None:
-    """Until every job consumer is in stain-search's process tree, so the tree
-    the stop is checked against holds them all."""
-    want = expected_job_consumers()
-
-    def started() -> bool:
-        assert proc.poll() is None, f"the server exited early (status {proc.returncode})"
-        return sum("huey_consumer" in _cmdline(p)
-                   for p in psutil.Process(proc.pid).children(recursive=True)) >= want
-
-    wait_for_condition(f"{want} MLflow job consumers", started, services=[], timeout=timeout)
+def server_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """stain-search's process tree once the UI answers: MLflow's CLI and its
+    uvicorn server, and none of MLflow's job consumers (huey), which the UI
+    turns off (cli.ui_environment): they would start after the first answer."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    mlflow = [p for p in tree if "-m mlflow ui" in _cmdline(p)]
+    assert mlflow, [_cmdline(p) for p in tree]
+    assert mlflow[0].environ().get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false"
+    assert not any("huey_consumer" in _cmdline(p) for p in tree)
+    return tree
 
 
 def test_sigterm_stops_the_whole_server(tmp_path):
@@ -148,7 +137,7 @@ def test_sigterm_stops_the_whole_server(tmp_path):
                  "--port", str(port))
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc)
-        wait_for_job_consumers(proc)  # they start after the first answer
+        server_tree(proc)
     except BaseException:
         kill_tree(proc)
         raise
@@ -163,8 +152,7 @@ def test_a_killed_cli_leaves_no_server_behind(tmp_path):
                  "--port", str(port))
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc)
-        wait_for_job_consumers(proc)
-        tree = psutil.Process(proc.pid).children(recursive=True)
+        tree = server_tree(proc)
     except BaseException:
         kill_tree(proc)
         raise
