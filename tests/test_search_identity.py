@@ -26,7 +26,7 @@ NAME = "same"
 def test_same_name_searches_in_one_store_never_share_runs(tmp_path):
     space = tmp_path / "same.yaml"
     space.write_text(tiny_space_yaml(name=NAME, num_samples=1, max_concurrent=1, pruner="none",
-                                     epochs=2))
+                                     epochs=1))  # four searches: identity, not training
     nameless = tmp_path / "no-name-here.yaml"  # file stem ≠ search name, no `name:` key
     nameless.write_text("\n".join(line for line in space.read_text().splitlines()
                                   if not line.startswith("name:")) + "\n")
