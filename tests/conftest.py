@@ -49,7 +49,9 @@ def tiny_space_yaml(*, name: str, num_samples: int = 3, max_concurrent: int = 2,
                     resources: str = "{workers_per_trial: 1, cpus_per_worker: 1}",
                     space: str = "  loss.lambda_cycle: {distribution: loguniform, low: 1, high: 50}\n"
                     ) -> str:
-    base = {**TINY_BASE, "train.epochs": epochs, **(base or {})}
+    # a key given as None in `base` is left out (a space that searches it)
+    base = {k: v for k, v in {**TINY_BASE, "train.epochs": epochs, **(base or {})}.items()
+            if v is not None}
     base_lines = "\n".join(f"  {k}: {v}" for k, v in base.items())
     return textwrap.dedent(f"""\
         name: {name}
