@@ -83,9 +83,13 @@ def cluster_modules(tests: Path) -> set[str]:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Whole modules to a worker (as ``--dist loadfile``), the cluster modules as one."""
+    """Whole modules to a worker (as ``--dist loadfile``), the cluster modules as one,
+    in collection order (``LONGEST_FIRST`` below): xdist would otherwise reorder them
+    by their number of tests, and the one-test end-to-end modules (the README, the
+    interrupt test) came last and ran alone while the other worker idled."""
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False
     cluster = cluster_modules(Path(__file__).parent)
 
     class ModuleScheduling(LoadScopeScheduling):
@@ -99,8 +103,10 @@ def pytest_xdist_make_scheduler(config, log):
 # The longest units first (docs/testing.md: the cluster modules together, then the
 # longest modules), so that on two workers none of them is left to run alone at the
 # end while the other worker idles.
-LONGEST_FIRST = ("cluster", "tests/test_pbt.py", "tests/test_faults.py", "tests/test_readme.py",
-                 "tests/test_interrupt.py", "tests/test_bench_smoke.py", "tests/test_confirm.py")
+LONGEST_FIRST = ("cluster", "tests/test_pbt.py", "tests/test_faults.py",
+                 "tests/test_bench_smoke.py", "tests/test_readme.py", "tests/test_bad_inputs.py",
+                 "tests/test_confirm.py", "tests/test_interrupt.py", "tests/test_mlflow_server.py",
+                 "tests/test_gpu_check.py", "tests/test_resume.py", "tests/test_storage_full.py")
 
 
 def pytest_collection_modifyitems(config, items):
