@@ -170,7 +170,7 @@ class PopulationRecorder(Callback):
 
 
 # --- the driver's side ---------------------------------------------------------------------
-# Study user attributes of a finished member (docs/search.md: what the study holds for PBT).
+# Study user attributes of a finished member: what the study holds for PBT beside its draw.
 SCHEDULE_ATTR, FINAL_ATTR, EXPLOITS_ATTR = "pbt.schedule", "pbt.final_params", "pbt.exploits"
 
 

@@ -13,8 +13,9 @@ The vectors are the published ones shipped with scikit-image
 from Landini's colour-deconvolution plugin), plus one for Weigert's iron
 haematoxylin, the near-black nuclear stain of trichrome, which has no
 published vector: a broad absorber, slightly stronger in red (blue-black).
-The tissue phantom renders with these functions and the metrics unmix with
-them (DAB amount for Ki-67 positivity).
+The tissue phantom renders with these functions, and the stain metrics start
+from their optical density (``od_from_rgb``); ``unmix`` is called by none of
+them yet (issue 26: one colour-deconvolution path).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Tune and most sweep tools rank *trials* by their last report and hand back
 their latest checkpoint, although a GAN is often best several epochs before
-it stops. Here each checkpoint a search kept (Ray keeps the best k per
-trial, ``trials/<trial>/checkpoint_epoch_XXXX/``) is a candidate with its
+it stops. Here each checkpoint a search kept (the trial keeps the best k
+and the newest per trial, ``trials/<trial>/checkpoint_epoch_XXXX/``) is a candidate with its
 own epoch's metrics from its ``meta.json``, so the epoch to deploy is chosen
 as carefully as the trial.
 
