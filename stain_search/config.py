@@ -196,7 +196,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values, e.g. {"loss.lambda_cycle": 10.0, ...}."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return flat_config(self.to_dict())
 
     def validate(self) -> "Config":
         """Cross-field checks that single types cannot express."""
@@ -408,3 +408,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         where = overrides_from or str(path or "overrides")
         config = apply_overrides(config, overrides, where=where).validate()
     return config
+
+
+def flat_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """A config as nested sections (``Config.to_dict()``, a checkpoint's
+    ``meta.json``) → dotted keys: {"loss": {"lambda_cycle": 10}} → {"loss.lambda_cycle": 10}.
+    Entries that are not sections are left out."""
+    return {f"{section}.{k}": v for section, body in (config or {}).items()
+            if isinstance(body, dict) for k, v in body.items()}

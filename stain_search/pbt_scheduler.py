@@ -178,7 +178,7 @@ def current_values(sdir, spec: SearchSpec, number: int) -> dict[str, Any] | None
     """The searched keys' values member ``number`` trained with last (its
     newest checkpoint's, after any exploit); None before its first checkpoint."""
     from stain_search.checkpoint import latest_checkpoint, read_meta
-    from stain_search.deploy.select import flat_config
+    from stain_search.config import flat_config
     from stain_search.mirror import pull_trial
 
     newest = latest_checkpoint(pull_trial(sdir, number))

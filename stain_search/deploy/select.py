@@ -44,6 +44,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from stain_search.checkpoint import CheckpointError, list_checkpoints, read_meta, state_problem
+from stain_search.config import flat_config
 from stain_search.pbt import COPIED_FROM
 from stain_search.errors import ConfigError
 from stain_search.pareto import deploy_order, pareto_ranks
@@ -177,11 +178,6 @@ def rank(candidates: list[Candidate], objectives: list[tuple[str, str]]) -> list
 
 
 # --- what is on disk, in the study and in MLflow ----------------------------------------
-
-def flat_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in (config or {}).items()
-            if isinstance(section, dict) for k, v in section.items()}
-
 
 def study_trials(sdir: SearchDir, name: str) -> list[Any]:
     """The study's frozen trials ([] when there is no study file)."""
