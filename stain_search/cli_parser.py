@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="search-space YAML, or spaces/NAME.yaml for a bundled one")
     p.add_argument("--name", help="search name (default: the space's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="fix a training key for this search, over the space's base (repeatable; "
+                   "not a key the space explores), e.g. --set eval.stain=trichrome; part of "
+                   "the search's identity, and `resume` keeps it")
     add_search_options(p)
     p.set_defaults(verb="run")
 

@@ -167,7 +167,7 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                address: str | None = None, resume: bool = False,
                num_samples: int | None = None, max_concurrent: int | None = None,
                profile: str | None = None, warm_start: str | None = None,
-               shared_fs: bool = False,
+               shared_fs: bool = False, overrides: dict[str, Any] | None = None,
                verbose: int = 1, live: bool = False, say=None) -> SearchOutcome:
     """Run (or resume) a search. ``verbose`` 0 shows the search's own console
     (``stain_search.console``: a live view if ``live``, else a line per trial)
@@ -177,7 +177,7 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     a local ``storage`` that every node of a multi-node cluster sees."""
     if name:
         check_name(name, what="--name")
-    spec = load_space(space, data=data, profile=profile)
+    spec = load_space(space, data=data, profile=profile, overrides=overrides)
     if name:
         spec.name = name
     source = "--storage" if storage else "the space's storage:" if spec.storage else \

@@ -115,6 +115,8 @@ class SearchRecord:
     profile: str | None
     # `run --warm-start`: {"search", "search_id", "enqueued", "dropped"}; None: a cold start
     warm_start: dict[str, Any] | None = None
+    # `run --set KEY=VALUE`: what `resume` applies again (also in identity's base)
+    overrides: dict[str, Any] | None = None
 
     @property
     def constraints(self) -> list[Constraint]:
@@ -150,7 +152,8 @@ class SearchRecord:
         return {"format": RECORD_FORMAT, "name": self.name, "search_id": self.search_id,
                 "created": self.created, "profile": self.profile,
                 "budget": asdict(self.budget), "identity": self.identity,
-                **({"warm_start": self.warm_start} if self.warm_start else {})}
+                **({"warm_start": self.warm_start} if self.warm_start else {}),
+                **({"overrides": self.overrides} if self.overrides else {})}
 
     @classmethod
     def new(cls, spec: SearchSpec) -> "SearchRecord":
@@ -158,7 +161,8 @@ class SearchRecord:
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    identity=identity_of(spec),
                    budget=Budget(spec.search.num_samples, spec.search.max_concurrent),
-                   profile=getattr(spec, "profile", None))
+                   profile=getattr(spec, "profile", None),
+                   overrides=dict(getattr(spec, "overrides", None) or {}) or None)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], *, where: Path) -> "SearchRecord":
@@ -177,7 +181,8 @@ class SearchRecord:
             return cls(name=raw["name"], search_id=raw.get("search_id"),
                        created=raw.get("created", ""), identity=raw["identity"],
                        budget=Budget(int(budget["num_samples"]), int(budget["max_concurrent"])),
-                       profile=raw.get("profile"), warm_start=raw.get("warm_start"))
+                       profile=raw.get("profile"), warm_start=raw.get("warm_start"),
+                       overrides=raw.get("overrides"))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{where}: not a stain-search search record (missing or bad "
                               f"{err}); it was not written by `stain-search run`") from None

@@ -127,6 +127,7 @@ class SearchSpec:
     constraints: tuple[Constraint, ...] = ()
     storage: str | None = None  # `storage:` run's default --storage: a folder or s3://…
     mutate: tuple[str, ...] = ()  # pbt/pb2: the keys exploits may perturb (stain_search.pbt)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # `run --set`, in base too
 
     @property
     def population_based(self) -> bool:
@@ -163,13 +164,15 @@ def bundled_spaces() -> list[Path]:
 
 
 def load_space(name: str | Path, *, data: str | None = None, profile: str | None = None,
-               gpus: int | None = None, check_objective: bool = True) -> SearchSpec:
+               gpus: int | None = None, check_objective: bool = True,
+               overrides: Mapping[str, Any] | None = None) -> SearchSpec:
     """Parse a space file under ``profile`` (None: the default for ``gpus`` GPUs,
-    None: this machine's; see stain_search.profiles)."""
+    None: this machine's; see stain_search.profiles). ``overrides`` (``run
+    --set``) fix training keys over the space's base and profile."""
     path = resolve_space_path(name)
     raw = cfg.read_yaml(path)
     return parse_space(raw, path=path, data=data, profile=profile, gpus=gpus,
-                       check_objective=check_objective)
+                       check_objective=check_objective, overrides=overrides)
 
 
 def _flatten_base(raw: Mapping, *, path: Path) -> dict[str, Any]:
@@ -209,7 +212,7 @@ def _storage(value: Any, *, path: Path) -> str | None:
 
 def parse_space(raw: Any, *, path: Path, data: str | None = None,
                 check_objective: bool = True, profile: str | None = None,
-                gpus: int | None = None) -> SearchSpec:
+                gpus: int | None = None, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
     """A space file's mapping → SearchSpec, under the chosen profile (if it has any)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}, "
@@ -222,13 +225,30 @@ def parse_space(raw: Any, *, path: Path, data: str | None = None,
                              profile, path=path, gpus=gpus)
     if choice.profile is not None:
         raw = profiles.merge(raw, choice.profile, path=path)
+    if overrides:
+        raw = with_overrides(raw, dict(overrides), explored=explored, path=path)
     try:
         spec = _parse_resolved(raw, path=path, data=data, check_objective=check_objective)
     except ConfigError as err:
         raise profiles.blame(err, choice) from None
     spec.profile = choice.profile.name if choice.profile else None
     spec.profile_reason, spec.profiles = choice.reason, choice.known
+    spec.overrides = dict(overrides or {})
     return spec
+
+
+def with_overrides(raw: Mapping, overrides: dict[str, Any], *, explored: set[str],
+                   path: Path) -> dict:
+    """The space with ``run --set`` pairs fixed in its ``base`` (they win over the
+    profile's): each checked as ``train --set`` checks it, and never a key the
+    space explores."""
+    searched = sorted(set(overrides) & explored)
+    if searched:
+        raise ConfigError(f"--set {searched[0]}: {path.name} explores it (space:); drop the "
+                          f"--set, or move the key from space: to base: in the space file")
+    cfg.load_config(None, overrides, overrides_from="--set")  # names and types, as `train`
+    base = _flatten_base(as_mapping(raw.get("base"), path=path, key="base"), path=path)
+    return {**raw, "base": {**base, **overrides}}
 
 
 def _parse_resolved(raw: Mapping, *, path: Path, data: str | None,

@@ -216,3 +216,54 @@ def test_a_profile_that_cannot_run_is_one_line_exit_2_before_ray(tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+# --- `run --set`: a training key fixed for one search (issue 24, item 2) ---------------------
+
+def test_run_set_fixes_a_key_over_the_profile_and_is_in_the_identity(tmp_path, monkeypatch,
+                                                                     capsys):
+    from stain_search.search_dir import SearchRecord, identity_of
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "spaces/lambda.yaml", "--profile", "gpu", "--dry-run",
+                 "--set", "train.epochs=7", "--set", "train.decay_epochs=3",
+                 "--set", "eval.stain=trichrome"]) == 0
+    body = yaml.safe_load("\n".join(line for line in capsys.readouterr().out.splitlines()[1:]
+                                    if not line.startswith(("note:", "dry run:"))))
+    assert body["base_config"]["train"]["epochs"] == 7  # over the gpu profile's 200
+    assert body["base_config"]["eval"]["stain"] == "trichrome"
+    plain = load_space("spaces/lambda.yaml", profile="demo", check_objective=False)
+    fixed = load_space("spaces/lambda.yaml", profile="demo", check_objective=False,
+                       overrides={"train.epochs": 7})
+    assert identity_of(fixed) != identity_of(plain)  # another search, not a resume of it
+    record = SearchRecord.new(fixed)
+    again = SearchRecord.from_json(record.to_json(), where=tmp_path)
+    assert again.overrides == {"train.epochs": 7} and again.identity == record.identity
+    assert SearchRecord.new(plain).to_json().get("overrides") is None  # old records unchanged
+
+
+@pytest.mark.parametrize("pair, said", [
+    ("loss.lambda_cycle=5", "--set loss.lambda_cycle: lambda.yaml explores it (space:)"),
+    ("train.epoch=3", "--set"),
+    ("train.epochs", "expected KEY=VALUE"),
+])
+def test_run_set_refuses_in_one_line(tmp_path, monkeypatch, capsys, pair, said):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "spaces/lambda.yaml", "--dry-run", "--set", pair]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stain-search: error: ") and said in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_applies_the_searchs_own_set(tmp_path, monkeypatch):
+    """`resume NAME` runs the search as it was started: with its --set pairs."""
+    from stain_search import cli
+    from stain_search.search_dir import SearchDir
+
+    spec = load_space("spaces/lambda.yaml", profile="demo", check_objective=False,
+                      overrides={"train.epochs": 2})
+    SearchDir.of(tmp_path / "runs", "lambda").create(spec)
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_run", lambda args: seen.update(vars(args)) or 0)
+    assert main(["resume", "lambda", "--storage", str(tmp_path / "runs")]) == 0
+    assert seen["overrides"] == {"train.epochs": 2} and seen["resume"] is True
