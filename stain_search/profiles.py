@@ -45,6 +45,7 @@ from typing import Any
 
 from stain_search import config as cfg
 from stain_search.errors import ConfigError
+from stain_search.space_params import as_mapping, key_error
 
 PROFILE_KEYS = ("description", "data", "base", "resources", "search")
 SEARCH_KEYS = ("num_samples", "max_concurrent", "early_stopping", "pbt")
@@ -84,16 +85,8 @@ def default_profile(gpus: int) -> str:
     return GPU_PROFILE if gpus > 0 else CPU_PROFILE
 
 
-def _err(path: Path, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{path}: `{key}`: {msg}")
-
-
 def _mapping(value: Any, *, path: Path, key: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _err(path, key, f"expected a mapping, got {value!r}")
-    return dict(value)
+    return dict(as_mapping(value, path=path, key=key))  # a copy: merged into, never shared
 
 
 def flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,7 +104,7 @@ def _check_keys(body: Mapping, allowed: tuple[str, ...], *, path: Path, key: str
                 why: str = "") -> None:
     for k in body:
         if k not in allowed:
-            raise _err(path, f"{key}.{k}", f"a profile cannot set this{why}"
+            raise key_error(path, f"{key}.{k}", f"a profile cannot set this{why}"
                        f"{cfg.suggest(str(k), list(allowed))} (allowed: {', '.join(allowed)})")
 
 
@@ -123,7 +116,7 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str],
     base = flatten(_mapping(body.get("base"), path=path, key=f"{where}.base"))
     for key in base:
         if key in explored:
-            raise _err(path, f"{where}.base.{key}", "explored in `space`: a profile sizes "
+            raise key_error(path, f"{where}.base.{key}", "explored in `space`: a profile sizes "
                        "the search, it does not fix what is searched")
     search = _mapping(body.get("search"), path=path, key=f"{where}.search")
     _check_keys(search, SEARCH_KEYS, path=path, key=f"{where}.search",
@@ -140,7 +133,7 @@ def _parse_one(name: str, raw: Any, *, path: Path, explored: set[str],
                 path=path, key=f"{where}.resources")
     data = body.get("data")
     if data is not None and not isinstance(data, str):
-        raise _err(path, f"{where}.data", f"expected a folder or builtin:NAME, got {data!r}")
+        raise key_error(path, f"{where}.data", f"expected a folder or builtin:NAME, got {data!r}")
     return Profile(name=name, description=str(body.get("description") or ""), data=data,
                    base=base, resources=resources, search=search)
 
@@ -150,12 +143,12 @@ def parse_profiles(raw: Any, *, path: Path, explored: set[str],
     """The ``profiles:`` section, validated; ``explored`` are the keys of ``space``."""
     body = _mapping(raw, path=path, key="profiles")
     if raw is not None and not body:
-        raise _err(path, "profiles", f"empty: name at least one, e.g. {CPU_PROFILE}: {{}}")
+        raise key_error(path, "profiles", f"empty: name at least one, e.g. {CPU_PROFILE}: {{}}")
     out = {}
     for name in body:
         text = str(name)
         if not text.replace("-", "").replace("_", "").isalnum():
-            raise _err(path, f"profiles.{text}", "a profile name uses letters, digits, "
+            raise key_error(path, f"profiles.{text}", "a profile name uses letters, digits, "
                        "'-' and '_' only")
         out[text] = _parse_one(text, body[name], path=path, explored=explored,
                                resource_keys=resource_keys)
