@@ -166,15 +166,22 @@ EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_deve
 def get_or_create_experiment(c, name: str, *, uri: str) -> str:
     """The experiment of a search (created, restored or found), marked as model
     development so that the MLflow UI opens it on its runs table."""
+    from mlflow.exceptions import MlflowException
+
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:  # made before the tag existed
-            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=_artifact_location(uri, name),
-                               tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=_artifact_location(uri, name),
+                                       tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+        except MlflowException as e:  # another driver made it between our look and our make
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = c.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:  # made before the tag existed
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+    return exp.experiment_id
 
 
 def _artifact_location(uri: str, name: str) -> str | None:

@@ -695,6 +695,33 @@ def _bench(name: str):
         sys.path.pop(0)
 
 
+def test_an_experiment_made_by_another_driver_meanwhile_is_used_not_an_error(tmp_path):
+    """Two drivers of one new search: both look for the experiment, find none, and
+    both make it. The second make is refused by the store; that driver then uses
+    the experiment the first one made (CI once saw it exit 1 instead)."""
+    from stain_search import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    made = tracking.get_or_create_experiment(c, "e", uri=uri)
+
+    class LooksBeforeTheOtherMakes:  # its look came before the other driver's make
+        def __init__(self, c):
+            self._c, self._looked = c, False
+
+        def get_experiment_by_name(self, name):
+            if not self._looked:
+                self._looked = True
+                return None
+            return self._c.get_experiment_by_name(name)
+
+        def __getattr__(self, attr):
+            return getattr(self._c, attr)
+
+    assert tracking.get_or_create_experiment(LooksBeforeTheOtherMakes(c), "e", uri=uri) == made
+    assert len(c.search_experiments(filter_string="name = 'e'")) == 1
+
+
 def test_stores_created_by_two_processes_at_once_are_whole(tmp_path):
     """Three fresh folders, two processes each opening the same new SQLite store
     in the same instant (as two drivers started together do): every process
