@@ -52,10 +52,9 @@ class _Members:
         # An exploit at the last epoch would end the member on a copy of its
         # donor's checkpoint with no epoch of its own after it: the same weights
         # and score twice in the population, and no checkpoint of the member's own
-        # for the deploy rule to pick (a copy counts as its donor's). Asynchronous
-        # PBT only: synchronous PBT waits for every member at each interval.
-        if not self._synch and self.last_epoch is not None \
-                and result.get(self._time_attr, 0) >= self.last_epoch:
+        # for the deploy rule to pick (a copy counts as its donor's). Synchronous
+        # PBT too: every member skips its last epoch's barrier, so none waits at it.
+        if self.last_epoch is not None and result.get(self._time_attr, 0) >= self.last_epoch:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 

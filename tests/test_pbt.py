@@ -126,13 +126,16 @@ def test_explore_keeps_the_recipients_identity_and_the_spaces_bounds(tmp_path, a
         assert 1.0e-4 <= new[PARAMS]["optim.lr_g"] <= 1.0e-3
 
 
-@pytest.mark.parametrize("algorithm", ["pbt", "pb2"])
-def test_no_member_exploits_at_its_last_epoch(tmp_path, algorithm, monkeypatch):
+@pytest.mark.parametrize("algorithm, synch", [("pbt", "false"), ("pb2", "false"),
+                                               ("pbt", "true")])
+def test_no_member_exploits_at_its_last_epoch(tmp_path, algorithm, synch, monkeypatch):
     """An exploit then would leave the member holding only its donor's copy (seen
-    under load: a COMPLETE member with no checkpoint of its own, so no schedule)."""
+    under load: a COMPLETE member with no checkpoint of its own, so no schedule;
+    and with synch: true, where every member meets at the last epoch)."""
     from ray.tune.schedulers import PopulationBasedTraining
 
-    spec = load_space(pbt_space(tmp_path, epochs=8, algorithm=algorithm))
+    pbt = f"{{perturbation_interval: 1, quantile_fraction: 0.5, synch: {synch}}}"
+    spec = load_space(pbt_space(tmp_path, epochs=8, algorithm=algorithm, pbt=pbt))
     scheduler = build_scheduler(spec)
     scheduler.set_search_properties("frechet", "min")
     calls = []  # Ray's own decision, stubbed: it needs a running Tune controller
