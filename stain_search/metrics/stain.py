@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from skimage.color import bpx_from_rgb, hed_from_rgb, hpx_from_rgb
 
 from stain_search.data.stain import od_from_rgb
@@ -103,7 +102,7 @@ def stain_od_r(output_od: np.ndarray, target_od: np.ndarray) -> float:
                          f"{a.shape} and {b.shape}")
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    return float(stats.pearsonr(a, b).statistic)
+    return float(np.corrcoef(a, b)[0, 1])  # scipy.stats' pearsonr, without its 0.6 s import
 
 
 def stain_area_error(output_area: np.ndarray, real_area: np.ndarray) -> float:
