@@ -152,9 +152,10 @@ def test_confirm_without_a_search_or_confirmation_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_stopped_confirmation_continues_and_repeats_nothing(tmp_path):
+def test_a_stopped_confirmation_continues_and_repeats_nothing(tmp_path, capsys):
     """Ctrl-C mid-run, then the same command again: every seed run finishes,
-    each epoch is logged once, no run is duplicated."""
+    each epoch is logged once, no run is duplicated. The Ctrl-C hits a process,
+    as typed; the command again runs in this process, on the session's Ray."""
     space = tmp_path / "tiny.yaml"
     space.write_text(tiny_space_yaml(name="stop", num_samples=1, max_concurrent=1, epochs=3,
                                      pruner="none", base={"train.steps_per_epoch": 12}))
@@ -179,11 +180,11 @@ def test_a_stopped_confirmation_continues_and_repeats_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "`stain-search confirm stop --top 1 --seeds 2` continues it" in err
 
-    done = subprocess.run([*cli, "confirm", "stop", "--top", "1", "--seeds", "2", "--json",
-                           *common], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
-    conf = json.loads(done.stdout)
+    capsys.readouterr()
+    code = main(["confirm", "stop", "--top", "1", "--seeds", "2", "--json", *common])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    conf = json.loads(out.out)
     assert conf["runs_finished"] == 2
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("stop")
