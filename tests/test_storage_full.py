@@ -18,8 +18,9 @@ import sys
 import optuna
 import pytest
 
-from conftest import tiny_space_yaml
+from conftest import ensure_local_ray, tiny_space_yaml
 from stain_search import tracking
+from stain_search.cli import main
 from stain_search.search_dir import SearchDir
 from stain_search.study import open_study
 
@@ -43,7 +44,8 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it(tmp_path, small_disk):
+def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it(tmp_path, small_disk,
+                                                                           monkeypatch):
     space = tmp_path / "full.yaml"
     space.write_text(tiny_space_yaml(name=NAME, num_samples=2, max_concurrent=1, pruner="none",
                                      epochs=4))
@@ -64,9 +66,9 @@ def test_a_full_disk_stops_the_search_with_one_line_and_resume_finishes_it(tmp_p
     assert kept and all(not p.name.startswith(".tmp") for p in sdir.trial(0).iterdir())
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    done = subprocess.run(cli + ["resume", NAME, *common], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    ensure_local_ray()  # the resume, in this process on the session's Ray
+    monkeypatch.chdir(tmp_path)
+    assert main(["resume", NAME, *common]) == 0
     study = open_study(NAME, sdir.study_journal)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     c = tracking.client(uri)
