@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from stain_search.cli import main
 from stain_search.config import load_config
 from stain_search.errors import TrainingDiverged
 from stain_search.evaluate import Evaluator
@@ -102,7 +103,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_train_writes_results_and_refuses_to_overwrite(tmp_path):
+def test_cli_train_writes_results_and_refuses_to_overwrite(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("data: {crop: 32, batch_size: 2, eval_crops: 4}\n"
                    "model: {depth: 3, ngf: 8, ndf: 8, d_blocks: 2}\n"
@@ -113,10 +114,11 @@ def test_cli_train_writes_results_and_refuses_to_overwrite(tmp_path):
     assert (out / "checkpoints" / "checkpoint_epoch_0001" / "state.pt").is_file()
     assert (out / "samples" / "epoch_0001.png").is_file()
     assert json.loads((out / "metrics.jsonl").read_text())["epoch"] == 1
-    again = run_cli("train", str(cfg), "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "--resume" in again.stderr
-    more = run_cli("train", str(cfg), "--out", str(out), "--resume", "--epochs", "2", cwd=tmp_path)
-    assert more.returncode == 0, more.stderr
+    # The refusal and the resume: the same `main`, in this process.
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--out", str(out), "--resume", "--epochs", "2"]) == 0
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
