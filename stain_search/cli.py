@@ -469,11 +469,38 @@ VERBS = {
 }
 
 
+OURS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "trainables")
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """The library's own warnings (``warnings.warn`` in stain_search, as a
+    library should) shown as one line, ``stain-search: warning: …``, not as
+    Python's file, line number and source line; anyone else's as Python shows them."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        where = Path(filename).resolve()
+        if issubclass(category, UserWarning) and any(where.is_relative_to(d) for d in OURS):
+            print(f"stain-search: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     try:
-        return int(VERBS[args.verb](args) or 0)
+        with one_line_warnings():
+            return int(VERBS[args.verb](args) or 0)
     except StainSearchError as err:
         print(f"stain-search: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -182,8 +182,13 @@ def test_cli_translate(exported, tmp_path, image, capsys):
     src = tmp_path / "he.png"
     Image.fromarray(image).save(src)
     out = tmp_path / "stained.tif"
+    capsys.readouterr()
     assert main(["translate", str(exported), str(src), str(out), "--min-tissue", "0",
                  "--compression", "zlib", "--no-progress"]) == 0
+    # The unknown µm/px is one line of ours, not Python's warning with its source.
+    said = capsys.readouterr().err
+    assert "stain-search: warning: neither the model nor --mpp says" in said, said
+    assert "UserWarning" not in said and ".py:" not in said, said
     model = load_model(exported)
     expected = Translator(model.generator(), depth=model.depth, min_tissue=0).translate_array(image)
     import tifffile
