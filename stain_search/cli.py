@@ -141,12 +141,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.name:  # before anything is read or written
         check_name(args.name, what="--name")
+    profile_by = getattr(args, "profile_by", "--profile")
     overrides = args.overrides if isinstance(getattr(args, "overrides", None), dict) \
         else parse_overrides(getattr(args, "overrides", None) or [])
     if args.dry_run or not (args.address or os.environ.get("RAY_ADDRESS")):
         # Before Ray, only this machine's GPUs are known; a cluster's are Ray's to report.
         planned = load_space(args.space, data=args.data, profile=args.profile,
-                             check_objective=False, overrides=overrides)
+                             check_objective=False, overrides=overrides, profile_by=profile_by)
         if args.dry_run:
             planned.name = args.name or planned.name
             planned.search.num_samples = args.num_samples or planned.search.num_samples
@@ -161,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent,
                          warm_start=getattr(args, "warm_start", None),
                          shared_fs=getattr(args, "shared_fs", False),
-                         profile=getattr(args, "profile", None), overrides=overrides,
+                         profile=getattr(args, "profile", None), profile_by=profile_by,
+                         overrides=overrides,
                          verbose=args.verbose,
                          live=not args.verbose and is_terminal(sys.stdout),
                          say=lambda line: print(line, flush=True))
@@ -179,7 +181,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     args.space = str(sdir.space_file)
     args.data = record.data if args.data is None else args.data
     if getattr(args, "profile", None) is None:
-        args.profile = record.profile
+        args.profile, args.profile_by = record.profile, "the search's record"
     args.overrides = dict(record.overrides or {})  # `run --set`: part of its identity
     args.resume = True
     return cmd_run(args)

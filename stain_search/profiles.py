@@ -156,8 +156,9 @@ def parse_profiles(raw: Any, *, path: Path, explored: set[str],
 
 
 def choose(profiles: Mapping[str, Profile], requested: str | None, *, path: Path,
-           gpus: int | None = None) -> Choice:
-    """The profile to run: ``requested`` (``--profile``), else the hardware's default.
+           gpus: int | None = None, requested_by: str = "--profile") -> Choice:
+    """The profile to run: ``requested`` (by ``requested_by``: ``--profile``, or
+    the search's record on resume), else the hardware's default.
 
     ``gpus``: the GPUs the search can use (e.g. what Ray reports); None asks
     this machine's CUDA.
@@ -171,7 +172,7 @@ def choose(profiles: Mapping[str, Profile], requested: str | None, *, path: Path
             raise ConfigError(f"{path}: --profile {requested}: no such profile"
                               f"{cfg.suggest(requested, list(known))} (this space's profiles: "
                               f"{', '.join(known)})")
-        return Choice(profiles[requested], "chosen with --profile", known)
+        return Choice(profiles[requested], f"chosen with {requested_by}", known)
     if not profiles:
         return Choice(None, "the space defines no profiles: it runs as written", known)
     gpus = local_gpus() if gpus is None else gpus

@@ -168,6 +168,7 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
                num_samples: int | None = None, max_concurrent: int | None = None,
                profile: str | None = None, warm_start: str | None = None,
                shared_fs: bool = False, overrides: dict[str, Any] | None = None,
+               profile_by: str = "--profile",
                verbose: int = 1, live: bool = False, say=None) -> SearchOutcome:
     """Run (or resume) a search. ``verbose`` 0 shows the search's own console
     (``stain_search.console``: a live view if ``live``, else a line per trial)
@@ -177,7 +178,8 @@ def run_search(space: str | Path, *, data: str | None = None, name: str | None =
     a local ``storage`` that every node of a multi-node cluster sees."""
     if name:
         check_name(name, what="--name")
-    spec = load_space(space, data=data, profile=profile, overrides=overrides)
+    spec = load_space(space, data=data, profile=profile, overrides=overrides,
+                      profile_by=profile_by)
     if name:
         spec.name = name
     source = "--storage" if storage else "the space's storage:" if spec.storage else \

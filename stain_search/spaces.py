@@ -165,14 +165,17 @@ def bundled_spaces() -> list[Path]:
 
 def load_space(name: str | Path, *, data: str | None = None, profile: str | None = None,
                gpus: int | None = None, check_objective: bool = True,
-               overrides: Mapping[str, Any] | None = None) -> SearchSpec:
+               overrides: Mapping[str, Any] | None = None,
+               profile_by: str = "--profile") -> SearchSpec:
     """Parse a space file under ``profile`` (None: the default for ``gpus`` GPUs,
     None: this machine's; see stain_search.profiles). ``overrides`` (``run
-    --set``) fix training keys over the space's base and profile."""
+    --set``) fix training keys over the space's base and profile. ``profile_by``:
+    who asked for ``profile`` (said in the plan line)."""
     path = resolve_space_path(name)
     raw = cfg.read_yaml(path)
     return parse_space(raw, path=path, data=data, profile=profile, gpus=gpus,
-                       check_objective=check_objective, overrides=overrides)
+                       check_objective=check_objective, overrides=overrides,
+                       profile_by=profile_by)
 
 
 def _flatten_base(raw: Mapping, *, path: Path) -> dict[str, Any]:
@@ -212,7 +215,8 @@ def _storage(value: Any, *, path: Path) -> str | None:
 
 def parse_space(raw: Any, *, path: Path, data: str | None = None,
                 check_objective: bool = True, profile: str | None = None,
-                gpus: int | None = None, overrides: Mapping[str, Any] | None = None) -> SearchSpec:
+                gpus: int | None = None, overrides: Mapping[str, Any] | None = None,
+                profile_by: str = "--profile") -> SearchSpec:
     """A space file's mapping → SearchSpec, under the chosen profile (if it has any)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}, "
@@ -222,7 +226,7 @@ def parse_space(raw: Any, *, path: Path, data: str | None = None,
     choice = profiles.choose(profiles.parse_profiles(raw.get("profiles"), path=path,
                                                      explored=explored,
                                                      resource_keys=resource_keys),
-                             profile, path=path, gpus=gpus)
+                             profile, path=path, gpus=gpus, requested_by=profile_by)
     if choice.profile is not None:
         raw = profiles.merge(raw, choice.profile, path=path)
     if overrides:

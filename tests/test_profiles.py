@@ -267,3 +267,8 @@ def test_resume_applies_the_searchs_own_set(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "cmd_run", lambda args: seen.update(vars(args)) or 0)
     assert main(["resume", "lambda", "--storage", str(tmp_path / "runs")]) == 0
     assert seen["overrides"] == {"train.epochs": 2} and seen["resume"] is True
+    # its profile comes from its record, and the plan line says so (not "--profile")
+    assert (seen["profile"], seen["profile_by"]) == ("demo", "the search's record")
+    assert load_space("spaces/lambda.yaml", profile="demo", check_objective=False,
+                      profile_by=seen["profile_by"]).profile_reason == \
+        "chosen with the search's record"
