@@ -272,6 +272,22 @@ def ui_environment() -> dict[str, str]:
     return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
 
 
+def importance_note(name: str, journal: Path) -> str | None:
+    """optuna-dashboard charts parameter importance from any number of trials;
+    the report leaves it out below MIN_TRIALS complete ones. Say so there too."""
+    import optuna
+
+    from stain_search.analysis.importance import MIN_TRIALS
+    from stain_search.study import open_study
+
+    done = len(open_study(name, journal).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if done >= MIN_TRIALS:
+        return None
+    return (f"note: {done} complete trial(s): the dashboard's parameter importance is "
+            f"unreliable below {MIN_TRIALS} (`stain-search report` leaves it out until then)")
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import shutil
 
@@ -288,6 +304,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if program is None:
         raise ConfigError("optuna-dashboard is not installed: pip install 'stain-search[dashboard]'")
     check_port_free(args.host, args.port)
+    note = importance_note(args.name, journal)
+    if note:
+        print(note, flush=True)
     log = server_log("optuna-dashboard", args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"starting optuna-dashboard (study: {journal}; server log: {log})", flush=True)

@@ -54,6 +54,19 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
+def test_few_trials_say_the_importance_is_unreliable(storage, monkeypatch, capsys):
+    """4 complete trials: the dashboard still charts importance, the report does
+    not (below 5): the command says so before it serves."""
+    from stain_search import services
+    from stain_search.cli import main
+
+    monkeypatch.setattr(services, "serve", lambda *a, **k: 0)  # no server: the note only
+    assert main(["dashboard", NAME, "--storage", str(storage), "--port", str(free_port())]) == 0
+    out = capsys.readouterr().out
+    assert "note: 4 complete trial(s): the dashboard's parameter importance is unreliable " \
+           "below 5" in out, out
+
+
 def test_unknown_search_is_one_clear_line(tmp_path):
     import subprocess
 
