@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from cluster_services import free_port
-from conftest import TINY_BASE
+from conftest import TINY_BASE, stop_local_ray
 from stain_search import cli
 from stain_search.data import read_image
 from stain_search.data.datasets import verify_dataset
@@ -505,7 +505,11 @@ def env(tmp_path) -> Env:
 
 @pytest.fixture
 def guard(monkeypatch):
-    """Ray never starts and no training runs: a row that gets that far failed."""
+    """Ray never starts and no training runs: a row that gets that far failed.
+    No Ray is connected either (the session's, which an earlier module may have
+    started in this process): each row sees what a fresh `stain-search` sees."""
+    stop_local_ray()
+
     def passed(*args, **kwargs):
         raise ValidationPassed("validation passed: the mistake was not caught before Ray")
 
