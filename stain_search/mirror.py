@@ -180,9 +180,12 @@ def push_checkpoint(remote: Remote, scratch: Path, checkpoint: Path, *, keep: in
         remote.delete(gone.name)
 
 
-def pull_newest(remote: Remote, scratch: Path) -> Path | None:
-    """A trial's newest complete checkpoint, weights included, from the store
-    into ``scratch`` (a PBT exploit takes its donor's); None if it has none."""
+def pull_checkpoint(remote: Remote, scratch: Path, *, epoch: int) -> Path | None:
+    """A trial's complete checkpoint of ``epoch``, or its newest if that one is
+    no longer kept, weights included, from the store into ``scratch`` (a PBT
+    exploit takes its donor's); None if it has none."""
+    from stain_search.checkpoint import checkpoint_name
+
     listing = [r for r, is_dir in remote.list(recursive=True) if not is_dir]
     complete = sorted(name for name in {r.split("/")[0] for r in listing if r.startswith(PREFIX)}
                       if {f"{name}/{META_FILE}", f"{name}/{STATE_FILE}"} <= set(listing))
@@ -190,7 +193,7 @@ def pull_newest(remote: Remote, scratch: Path) -> Path | None:
         return None
     from stain_search.atomic import atomic_dir
 
-    name = complete[-1]
+    name = checkpoint_name(epoch) if checkpoint_name(epoch) in complete else complete[-1]
     with atomic_dir(Path(scratch) / name) as tmp:
         for file in (STATE_FILE, META_FILE):
             remote.download(f"{name}/{file}", tmp / file)

@@ -5,7 +5,7 @@ space may mutate, and a member's schedule.
 ``num_samples`` members at once under Ray Tune's scheduler
 (``stain_search.pbt_scheduler``). Every ``perturbation_interval`` epochs a
 member in the bottom ``quantile_fraction`` *exploits* one in the top: it
-takes that member's newest checkpoint (weights, optimiser moments, image
+takes that member's checkpoint PBT scored (weights, optimiser moments, image
 pools, the epoch and so the learning-rate decay) and its configuration,
 then *explores*: PBT multiplies each mutated key by 0.8 or 1.2, or resamples
 it (``resample_probability``), PB2 picks the values from a GP bandit; either

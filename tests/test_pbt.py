@@ -23,11 +23,11 @@ import torch
 
 from conftest import ensure_local_ray, wait_until_gone
 from stain_search import tracking
-from stain_search.checkpoint import list_checkpoints, read_meta, write_checkpoint
+from stain_search.checkpoint import list_checkpoints, read_meta, state_file, write_checkpoint
 from stain_search.cli import main
 from stain_search.deploy.select import gather_trial
 from stain_search.errors import ConfigError
-from stain_search.exploit import start_member
+from stain_search.exploit import scored_or_newest, start_member
 from stain_search.pbt import COPIED_FROM, MUTABLE, SCHEDULE, first_segment
 from stain_search.pbt_scheduler import build_scheduler, template
 from stain_search.spaces import load_space
@@ -165,10 +165,13 @@ def _checkpoint(folder: Path, epoch: int, *, lam: float, fd: float, schedule=Non
                             state={"G": {"w": torch.full((2,), float(epoch))}}, meta=meta)
 
 
-def test_an_exploit_copies_the_donors_newest_checkpoint_once(tmp_path):
+def test_an_exploit_copies_the_checkpoint_pbt_scored_once(tmp_path):
+    """PBT scored the donor at epoch 2 (the pointer's); the donor saved epoch 3
+    before the exploit happened: the member takes epoch 2's weights, as Ray's PBT
+    restores the checkpoint it saved at the perturbation."""
     donor, mine = tmp_path / "trial_001", tmp_path / "trial_003"
     donor_schedule = first_segment("trial_001", {"loss.lambda_cycle": 20.0})
-    for epoch in (1, 2):
+    for epoch in (1, 2, 3):
         _checkpoint(donor, epoch, lam=20.0, fd=1.0 / epoch, schedule=donor_schedule)
     for epoch in (1, 2, 3):  # the member ran ahead of the donor's newest
         _checkpoint(mine, epoch, lam=5.0, fd=9.0,
@@ -178,9 +181,12 @@ def test_an_exploit_copies_the_donors_newest_checkpoint_once(tmp_path):
                 mutate=("loss.lambda_cycle",), pointer={"trial": "trial_001", "number": 1,
                                                         "epoch": 2},
                 pointer_id="tune/t1/checkpoint_000002",
-                donor_checkpoint=lambda n, scratch: list_checkpoints(donor)[-1])
+                donor_checkpoint=lambda n, epoch, scratch: scored_or_newest(donor, epoch))
     start = start_member(**args)
     assert start.exploit["donor"] == "trial_001" and start.exploit["epoch"] == 2
+    assert "scored_epoch" not in start.exploit  # the scored one itself
+    weights = torch.load(state_file(list_checkpoints(mine)[-1]), weights_only=True)["G"]["w"]
+    assert weights.tolist() == [2.0, 2.0]  # epoch 2's, not the newer epoch 3's
     assert start.exploit["old"]["loss.lambda_cycle"] == 5.0
     assert start.exploit["new"]["loss.lambda_cycle"] == 24.0
     assert start.exploit["dropped_epochs"] == [3]
@@ -203,6 +209,23 @@ def test_an_exploit_copies_the_donors_newest_checkpoint_once(tmp_path):
     late = unrecorded(again.schedule, trial="trial_003", recorded=set())
     assert [(r["epoch"], r["donor"], r["late"]) for r in late] == [(2, "trial_001", True)]
     assert unrecorded(again.schedule, trial="trial_003", recorded={start.exploit["id"]}) == []
+
+
+def test_an_exploit_whose_scored_checkpoint_is_gone_takes_the_newest_and_says_so(tmp_path):
+    donor, mine = tmp_path / "trial_001", tmp_path / "trial_003"
+    schedule = first_segment("trial_001", {"loss.lambda_cycle": 20.0})
+    for epoch in (1, 3):  # retention dropped epoch 2, which PBT scored
+        _checkpoint(donor, epoch, lam=20.0, fd=1.0 / epoch, schedule=schedule)
+    _checkpoint(mine, 1, lam=5.0, fd=9.0,
+                schedule=first_segment("trial_003", {"loss.lambda_cycle": 5.0}))
+    start = start_member(
+        trial="trial_003", number=3, folder=mine, params={"loss.lambda_cycle": 24.0},
+        mutate=("loss.lambda_cycle",), pointer={"trial": "trial_001", "number": 1, "epoch": 2},
+        pointer_id="tune/t1/checkpoint_000002",
+        donor_checkpoint=lambda n, epoch, scratch: scored_or_newest(donor, epoch))
+    assert (start.exploit["epoch"], start.exploit["scored_epoch"]) == (3, 2)
+    assert read_meta(list_checkpoints(mine)[-1])[COPIED_FROM] == {"trial": "trial_001",
+                                                                  "epoch": 3}
 
 
 # --- a search on the phantom --------------------------------------------------------------

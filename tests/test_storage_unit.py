@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,34 @@ def test_a_space_can_name_its_storage(tmp_path):
     space.write_text(tiny_space_yaml(name="s") + "storage: [a]\n")
     with pytest.raises(ConfigError, match="storage"):
         load_space(space)
+
+
+def test_a_donor_checkpoint_is_pulled_at_the_scored_epoch_or_else_the_newest(tmp_path):
+    """A PBT exploit with a URI storage pulls the donor's checkpoint PBT scored
+    (issue 25, item 5); if retention dropped it, the newest."""
+    from stain_search.checkpoint import PREFIX
+
+    class FolderRemote:  # the store's listing and download, over a local folder
+        def __init__(self, root):
+            self.root = root
+
+        def list(self, rel="", *, recursive=False):
+            return [(str(p.relative_to(self.root)), p.is_dir()) for p in self.root.rglob("*")]
+
+        def download(self, rel, local):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes((self.root / rel).read_bytes())
+            return local
+
+    store = tmp_path / "store"
+    for epoch in (1, 2, 3):
+        write_checkpoint(store / f"{PREFIX}{epoch:04d}", state={"w": epoch},
+                         meta={"epoch": epoch, "metrics": {}})
+    remote = FolderRemote(store)
+    got = mirror.pull_checkpoint(remote, tmp_path / "a", epoch=2)
+    assert got.name == f"{PREFIX}0002" and read_meta(got)["epoch"] == 2
+    shutil.rmtree(store / f"{PREFIX}0002")
+    got = mirror.pull_checkpoint(remote, tmp_path / "b", epoch=2)
+    assert read_meta(got)["epoch"] == 3
+    (tmp_path / "empty").mkdir()
+    assert mirror.pull_checkpoint(FolderRemote(tmp_path / "empty"), tmp_path / "c", epoch=1) is None

@@ -44,7 +44,7 @@ from stain_search.context import TrialContext, WorkerContext, trial_folder
 from stain_search.distributed import world
 from stain_search.errors import TrainingDiverged
 from stain_search.evaluate import COUNT_KEYS
-from stain_search.mirror import pull_newest, pull_trial_scratch, push_checkpoint
+from stain_search.mirror import pull_checkpoint, pull_trial_scratch, push_checkpoint
 from stain_search.pbt import read_pointer, write_pointer
 from stain_search.search_dir import trial_name
 from stain_search.stopping import is_storage_error, storage_error_message
@@ -314,7 +314,7 @@ def cyclegan_trial(tune_config: dict[str, Any], *, ctx: TrialContext) -> None:
 def start_pbt_member(ctx: TrialContext, number: int, name: str, params: dict[str, Any]):
     """A PBT member's start (``stain_search.exploit``): its own checkpoints, or,
     when Tune restarted it with another member's pointer, that member's newest."""
-    from stain_search.exploit import start_member
+    from stain_search.exploit import scored_or_newest, start_member
 
     sdir = ctx.search_dir
     folder = trial_folder(ctx, number)
@@ -328,17 +328,17 @@ def start_pbt_member(ctx: TrialContext, number: int, name: str, params: dict[str
             pointer = read_pointer(Path(where))
         pointer_id = given.path
 
-    def donor_checkpoint(donor: int, scratch: Path) -> Path | None:
+    def donor_checkpoint(donor: int, epoch: int, scratch: Path) -> Path | None:
         if sdir.trial_remote(donor) is not None:
-            return pull_newest(sdir.trial_remote(donor), scratch)
-        for _ in range(3):  # the donor trains on: its newest may be retired mid-copy
-            newest = latest_checkpoint(sdir.trial(donor))
-            if newest is None:
+            return pull_checkpoint(sdir.trial_remote(donor), scratch, epoch=epoch)
+        for _ in range(3):  # the donor trains on: a checkpoint may be retired mid-copy
+            source = scored_or_newest(sdir.trial(donor), epoch)
+            if source is None:
                 return None
             try:
-                return Path(shutil.copytree(newest, scratch / newest.name))
+                return Path(shutil.copytree(source, scratch / source.name))
             except (FileNotFoundError, shutil.Error):
-                shutil.rmtree(scratch / newest.name, ignore_errors=True)
+                shutil.rmtree(scratch / source.name, ignore_errors=True)
         return None
 
     first = ctx.first_objective
