@@ -19,8 +19,8 @@ The driver, top to bottom:
    them), then new ones up to ``num_samples`` finished trials; a new search
    with ``--warm-start OTHER`` first re-trains OTHER's best points
    (``stain_search.warm_start``). Each finished trial is told its deploy-rule
-   values and, where the space has ``constraints:``, their values too (the
-   study's ``constraints`` attribute, an MLflow ``stain_search.feasible`` tag).
+   values and, where the space has ``constraints:``, their values too (Optuna's
+   ``Trial.set_constraint``, an MLflow ``stain_search.feasible`` tag).
 4. Ctrl-C, SIGTERM or a full disk stop it cleanly (``stain_search.stopping``):
    interrupted trials stay resumable in the study and in MLflow.
 5. Names the checkpoint to deploy (``stain_search.deploy.select``) in

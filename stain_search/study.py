@@ -34,14 +34,17 @@ folder has its checkpoints) before it asks for new ones, and tops the study
 up to ``num_samples`` finished trials. Tune's own experiment state is not
 needed for that.
 
-Constraints (a space's ``constraints:``) follow Optuna's convention: each told
-trial holds the system attribute ``constraints``, one value per constraint,
-≤ 0 where it holds (``constraints.Constraint.violation``), computed by the driver
-from the same checkpoint whose objectives the study is told. TPE (one
-objective or several) and NSGA-II get a ``constraints_func`` that reads it
-back, so they prefer feasible trials (Optuna's constrained TPE, Watanabe &
-Hutter 2023; NSGA-II's constrained domination, Deb et al. 2002); the random
-sampler ignores it, but the attribute is recorded all the same.
+Constraints (a space's ``constraints:``) go through Optuna 5's own API: before
+a trial is told, the driver sets one value per constraint with
+``Trial.set_constraint`` (named by the constraint, e.g. ``ssim_structure ≥ 0.6``),
+≤ 0 where it holds (``constraints.Constraint.violation``), computed from the
+same checkpoint whose objectives the study is told. TPE (one objective or
+several) and NSGA-II read ``trial.constraints`` themselves, so they prefer
+feasible trials (Optuna's constrained TPE, Watanabe & Hutter 2023; NSGA-II's
+constrained domination, Deb et al. 2002); the random sampler ignores them, but
+they are recorded all the same. A study stored before (one ``constraints``
+list attribute, which a ``constraints_func`` read back) reads the same: Optuna's
+``trial.constraints`` reads both.
 """
 
 from __future__ import annotations
@@ -82,8 +85,6 @@ REPLAY = "pbt.replay"
 TAGS, TAG_PREFIX = "tags", "stain_search."
 TS = optuna.trial.TrialState
 FINISHED = (TS.COMPLETE, TS.PRUNED, TS.FAIL)
-# Optuna's system attribute of a trial's constraint values (optuna.samplers._base).
-CONSTRAINTS = "constraints"
 
 
 def storage(path: Path) -> optuna.storages.JournalStorage:
@@ -133,35 +134,24 @@ def set_aside_torn_tail(path: Path) -> str | None:
             f"moved it to {torn.name} and kept the {keep} bytes before it")
 
 
-def stored_constraints(count: int) -> Callable[[optuna.trial.FrozenTrial], tuple[float, ...]]:
-    """The ``constraints_func`` of a search with ``count`` constraints: the values
-    the driver stored on the trial before telling it (a trial told without them,
-    e.g. pruned before any checkpoint, counts as infeasible)."""
-    def constraints_func(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
-        values = trial.system_attrs.get(CONSTRAINTS)
-        return tuple(float(v) for v in values) if values else (math.inf,) * count
-    return constraints_func
-
-
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool | None:
     """Whether the trial met every constraint; None when it holds no values."""
-    values = trial.system_attrs.get(CONSTRAINTS)
-    return None if not values else all(v <= 0 for v in values)
+    values = trial.constraints
+    return None if not values else all(v <= 0 for v in values.values())
 
 
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     # TPE handles one objective and several (multi-objective TPE, Ozaki et al.,
     # 2020): the better choice for Pareto searches under ~100 trials.
-    "tpe": lambda seed, population, constraints=None: optuna.samplers.TPESampler(
-        seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4,
-        constraints_func=constraints),
-    "random": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda seed, population, constraints=None: optuna.samplers.NSGAIISampler(
-        seed=seed, population_size=population, constraints_func=constraints),
+    "tpe": lambda seed, population: optuna.samplers.TPESampler(
+        seed=seed, constant_liar=True, multivariate=True, n_startup_trials=4),
+    "random": lambda seed, population: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed, population: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=population),
     # PBT and PB2 draw their initial population at random (Jaderberg et al.,
     # 2017); what they learn lives in the exploits, not in the sampler.
-    "pbt": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
-    "pb2": lambda seed, population, constraints=None: optuna.samplers.RandomSampler(seed=seed),
+    "pbt": lambda seed, population: optuna.samplers.RandomSampler(seed=seed),
+    "pb2": lambda seed, population: optuna.samplers.RandomSampler(seed=seed),
 }
 
 PRUNERS: dict[str, Callable[[Pruning], optuna.pruners.BasePruner]] = {
@@ -185,13 +175,9 @@ def make_pruner(pruning: Pruning) -> optuna.pruners.BasePruner:
 
 
 def make_sampler(spec: SearchSpec, *, seed: int) -> optuna.samplers.BaseSampler:
-    constraints = stored_constraints(len(spec.constraints)) if spec.constraints else None
     with warnings.catch_warnings():
-        # Optuna ≥ 5 samplers read the stored attribute themselves and deprecate
-        # constraints_func (removal in 7); Optuna 4 (pyproject allows it) needs it.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return SAMPLERS[spec.search.algorithm](seed, spec.search.population_size, constraints)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE
+        return SAMPLERS[spec.search.algorithm](seed, spec.search.population_size)
 
 
 def create_study(spec: SearchSpec, path: Path, *, warm: list[WarmPoint] = ()) -> optuna.Study:
@@ -354,10 +340,11 @@ def tell_finished(study: optuna.Study, spec: SearchSpec, number: int, result: di
     if deployed is not None:
         values = deployed if spec.multi_objective else deployed[0]
     if spec.constraints and state in (TS.COMPLETE, TS.PRUNED):
-        found = constrained(number) if constrained else None
-        study._storage.set_trial_system_attr(
-            frozen._trial_id, CONSTRAINTS,
-            [float(v) for v in found] if found else [math.inf] * len(spec.constraints))
+        # No values (no checkpoint to read them from): infeasible, never NaN.
+        found = (constrained(number) if constrained else None) or [math.inf] * len(spec.constraints)
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        for constraint, value in zip(spec.constraints, found):
+            trial.set_constraint(str(constraint), float(value))
     for key, value in (attrs(number) if attrs else {}).items():
         study._storage.set_trial_user_attr(frozen._trial_id, key, value)
     try:

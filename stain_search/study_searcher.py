@@ -29,8 +29,8 @@ class StudySearcher(Searcher):
     driver passes the deploy rule's values (the trial's best kept checkpoint),
     so the sampler learns the same quantity the user deploys by. ``constrained``
     gives, for a space with constraints, the trial's constraint values from that
-    same checkpoint (Optuna's convention: ≤ 0 holds), stored on the trial
-    before it is told (the samplers' ``constraints_func`` reads them)."""
+    same checkpoint (Optuna's convention: ≤ 0 holds), set on the trial with
+    ``Trial.set_constraint`` before it is told (the samplers read them)."""
 
     def __init__(self, spec: SearchSpec, study_path: Path, *, resume: list[int] = (),
                  stopping: Callable[[], bool] = lambda: False,

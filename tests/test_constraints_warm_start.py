@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import optuna
@@ -20,8 +21,7 @@ from stain_search.errors import ConfigError
 from stain_search.search_dir import SearchDir, identity_of
 from stain_search.constraints import Constraint
 from stain_search.spaces import load_space
-from stain_search.study import (CONSTRAINTS, create_study, is_feasible,
-                                make_sampler, open_study)
+from stain_search.study import create_study, is_feasible, make_sampler, open_study
 from stain_search.study_searcher import StudySearcher
 
 SSIM_MIN = "[{metric: ssim_structure, min: 0.6}, {metric: stain_area_error, max: 0.05}]"
@@ -99,30 +99,39 @@ PARETO = "[{metric: frechet, mode: min}, {metric: ssim_structure, mode: max}]"
     ("tpe", PARETO, optuna.samplers.TPESampler),  # multi-objective TPE
     ("nsga2", PARETO, optuna.samplers.NSGAIISampler),
 ])
-def test_constrained_samplers_get_a_constraints_func(tmp_path, algorithm, objective,
-                                                     sampler_type):
+def test_constrained_samplers_read_optunas_own_constraints(tmp_path, algorithm, objective,
+                                                          sampler_type):
     text = tiny_space_yaml(name="con", objective=objective, pruner="none", num_samples=16)
     text = text.replace("algorithm: tpe", f"algorithm: {algorithm}").replace(
         "seed: 0,", "seed: 0, population_size: 2,")
     path = tmp_path / "con.yaml"
     path.write_text(text + f"constraints: {SSIM_MIN}\n")
     spec = load_space(path)
-    sampler = make_sampler(spec, seed=0)
-    assert isinstance(sampler, sampler_type) and sampler._constraints_func is not None
-    # An in-memory study: a trial told with stored values keeps them (Optuna's
-    # after_trial calls constraints_func, which reads them back).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # constraints_func is deprecated
+        sampler = make_sampler(spec, seed=0)
+    # Optuna 5's samplers read trial.constraints themselves: no constraints_func.
+    assert isinstance(sampler, sampler_type) and getattr(sampler, "_constraints_func", None) is None
     study = optuna.create_study(sampler=sampler, directions=["minimize"] * len(spec.objectives))
     for violations in ([0.1, -0.2], [-0.1, -0.2]):
         trial = study.ask()
         trial.suggest_float("loss.lambda_cycle", 1, 50, log=True)
-        study._storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS, violations)
+        for constraint, value in zip(spec.constraints, violations):
+            trial.set_constraint(str(constraint), value)
         study.tell(trial, [1.0] * len(spec.objectives))
-    stored = [t.system_attrs[CONSTRAINTS] for t in study.trials]
-    assert [list(v) for v in stored] == [[0.1, -0.2], [-0.1, -0.2]]
+    assert [list(t.constraints.values()) for t in study.trials] == [[0.1, -0.2], [-0.1, -0.2]]
     assert [is_feasible(t) for t in study.trials] == [False, True]
-    # Without constraints: no constraints_func at all.
-    plain = load_space(_space(tmp_path, None, name="plain"))
-    assert make_sampler(plain, seed=0)._constraints_func is None
+    # The next draw sees them: TPE ranks the infeasible trial below the feasible one.
+    if sampler_type is optuna.samplers.TPESampler:
+        from optuna.samplers._tpe.sampler import _get_infeasible_trial_score
+
+        assert [_get_infeasible_trial_score(t) > 0 for t in study.trials] == [True, False]
+    # A study stored before (one `constraints` list attribute) reads the same.
+    old = study.ask()
+    old.suggest_float("loss.lambda_cycle", 1, 50, log=True)
+    study._storage.set_trial_system_attr(old._trial_id, "constraints", [0.3, -0.1])
+    study.tell(old, [1.0] * len(spec.objectives))
+    assert is_feasible(study.trials[-1]) is False
 
 
 def test_the_searcher_stores_the_drivers_constraint_values_when_it_tells(tmp_path):
@@ -136,13 +145,13 @@ def test_the_searcher_stores_the_drivers_constraint_values_when_it_tells(tmp_pat
     searcher.on_trial_complete("tune_a", {"done": True, "fd_random": 9.0, "frechet": 9.0})
     trial = open_study(spec.name, journal).trials[0]
     assert asked == [0] and trial.values == [3.0]  # the deploy-rule value, not the last
-    assert list(trial.system_attrs[CONSTRAINTS]) == [0.25, -0.01]
+    assert trial.constraints == {str(c): v for c, v in zip(spec.constraints, [0.25, -0.01])}
     assert is_feasible(trial) is False
     # Told without values (no checkpoint): infeasible, never NaN.
     searcher = StudySearcher(spec, journal, told=lambda n: [2.0], constrained=lambda n: None)
     searcher.suggest("tune_b")
     searcher.on_trial_complete("tune_b", {"done": True, "fd_random": 9.0})
-    assert list(open_study(spec.name, journal).trials[1].system_attrs[CONSTRAINTS]) == \
+    assert list(open_study(spec.name, journal).trials[1].constraints.values()) == \
         [math.inf, math.inf]
 
 
@@ -155,7 +164,7 @@ def test_the_report_marks_infeasible_trials():
     for violations in ([0.1], [-0.1], None):
         trial = study.ask()
         if violations is not None:
-            study._storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS, violations)
+            trial.set_constraint("ssim_structure ≥ 0.6", violations[0])
         study.tell(trial, 1.0)
     assert feasibility(SimpleNamespace(study=study)) == {0: False, 1: True, 2: None}
     plain = optuna.create_study()
