@@ -197,7 +197,7 @@ def member_attrs(sdir, spec: SearchSpec, number: int) -> dict[str, Any]:
     from stain_search.pbt import schedule_of
 
     folder = pull_trial(sdir, number)
-    best = trial_best(folder, [(o.metric, o.mode) for o in spec.objectives])
+    best = trial_best(folder, [(o.metric, o.mode) for o in spec.objectives], spec.constraints)
     if best is None:
         return {}
     schedule = schedule_of(read_meta(best.checkpoint))

@@ -438,23 +438,26 @@ def _drive(spec: SearchSpec, sdir: SearchDir, saved: SearchRecord | None, budget
 
 # --- 5. the checkpoint to deploy ------------------------------------------------------------
 
-def deploy_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float] | None:
-    """What the study is told for a finished trial: the objective values of the
-    checkpoint the deploy rule would pick in it (its best kept epoch, not its
-    last), so the sampler learns the quantity the user deploys by."""
+def deployed_in(sdir: SearchDir, spec: SearchSpec, number: int):
+    """The checkpoint the deploy rule would pick in trial ``number`` (its best
+    kept epoch that meets the space's constraints, not its last)."""
     from stain_search.deploy.select import trial_best
 
-    objectives = [(o.metric, o.mode) for o in spec.objectives]
-    best = trial_best(pull_trial(sdir, number), objectives)
-    return None if best is None else best.values(objectives)
+    return trial_best(pull_trial(sdir, number), [(o.metric, o.mode) for o in spec.objectives],
+                      spec.constraints)
+
+
+def deploy_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float] | None:
+    """What the study is told for a finished trial: the objective values of
+    :func:`deployed_in`, so the sampler learns the quantity the user deploys by."""
+    best = deployed_in(sdir, spec, number)
+    return None if best is None else best.values([(o.metric, o.mode) for o in spec.objectives])
 
 
 def constraint_values(sdir: SearchDir, spec: SearchSpec, number: int) -> list[float] | None:
     """The space's constraints on the same checkpoint :func:`deploy_values` reads
     (Optuna's convention: ≤ 0 where one holds); None without a checkpoint."""
-    from stain_search.deploy.select import trial_best
-
-    best = trial_best(pull_trial(sdir, number), [(o.metric, o.mode) for o in spec.objectives])
+    best = deployed_in(sdir, spec, number)
     return None if best is None else [c.violation(best.metrics) for c in spec.constraints]
 
 

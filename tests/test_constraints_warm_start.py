@@ -308,3 +308,29 @@ def test_a_warm_started_search_starts_with_the_old_searchs_best(tmp_path, local_
     assert [p.params["loss.lambda_cycle"] for p in plan.points] == [2]
     assert len(plan.dropped) == 1 and "loss.lambda_cycle = 40" in plan.dropped[0]
     assert "outside this space (1..20)" in plan.dropped[0]
+
+
+def test_the_study_is_told_the_best_checkpoint_that_meets_the_constraints(tmp_path):
+    """Issue 25, item 2: the trial's best epoch on the objective (epoch 2) fails
+    the space's constraints, epoch 1 meets them: the study is told epoch 1's
+    value, as the deploy rule would deploy it; a trial no epoch of which meets
+    them is told its best, with its violations (infeasible)."""
+    from stain_search.checkpoint import write_checkpoint
+    from stain_search.search import constraint_values, deploy_values
+
+    spec = load_space(_space(tmp_path, SSIM_MIN))
+    sdir = SearchDir.of(tmp_path / "runs", spec.name)
+    sdir.create(spec)
+    metrics = {0: {1: (5.0, 0.7, 0.01), 2: (3.0, 0.4, 0.01)},  # trial: epoch: fd, ssim, area
+               1: {1: (6.0, 0.5, 0.01), 2: (4.0, 0.5, 0.20)}}
+    for number, epochs in metrics.items():
+        for epoch, (fd, ssim, area) in epochs.items():
+            write_checkpoint(sdir.trial(number) / f"checkpoint_epoch_{epoch:04d}",
+                             state={"w": epoch},
+                             meta={"epoch": epoch, "metrics": {
+                                 "fd_random": fd, "frechet": fd, "ssim_structure": ssim,
+                                 "stain_area_error": area, "epoch": epoch}})
+    assert deploy_values(sdir, spec, 0) == [5.0]  # not epoch 2's 3.0: it fails ssim ≥ 0.6
+    assert constraint_values(sdir, spec, 0) == pytest.approx([-0.1, -0.04])
+    assert deploy_values(sdir, spec, 1) == [4.0]  # none feasible: its best, told infeasible
+    assert max(constraint_values(sdir, spec, 1)) > 0

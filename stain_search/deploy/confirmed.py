@@ -143,7 +143,8 @@ def confirmation(sdir: SearchDir, *, tracking_uri: str | None = None) -> Confirm
                 params={k: v for k, v in t.params.items() if k != "train.seed"},
                 original=dict(original.metrics) if original else {}, runs=[],
                 run_id=original.run_id if original else None)
-        best = trial_best(cdir.trial(t.number), objectives) if t.state.name == "COMPLETE" else None
+        best = (trial_best(cdir.trial(t.number), objectives, record.constraints)
+                if t.state.name == "COMPLETE" else None)
         if best is not None:
             best.run_id = run_ids.get(best.trial, (None, None))[0]
         configs[confirmed].runs.append(ConfirmedRun(trial=cdir.trial(t.number).name, seed=seed,

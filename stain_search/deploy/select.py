@@ -256,13 +256,19 @@ def gather_trial(folder: Path, keys: list[str], dropped: dict[str, int]) -> list
     return out
 
 
-def trial_best(folder: Path, objectives: list[tuple[str, str]]) -> Candidate | None:
+def trial_best(folder: Path, objectives: list[tuple[str, str]],
+               constraints: Iterable[Constraint] = ()) -> Candidate | None:
     """The deploy rule within one trial: its checkpoint a search would deploy
     if it were the only trial. What the study is told for the trial (so the
-    sampler learns the quantity the user deploys by) and what a confirmation
-    run counts."""
-    ranked = rank([c for c in gather_trial(folder, [], {})
-                   if None not in c.values(objectives)], objectives)
+    sampler learns the quantity the user deploys by), what a PBT member's
+    schedule is read from and what a confirmation run counts. As
+    :func:`select_dir`, the space's ``constraints`` filter before the rank: the
+    best checkpoint that meets them all; a trial none of whose checkpoints does,
+    its best all the same (its constraint values then tell the study it is
+    infeasible)."""
+    found = [c for c in gather_trial(folder, [], {}) if None not in c.values(objectives)]
+    feasible = [c for c in found if all(con.holds(c.metrics) for con in constraints)]
+    ranked = rank(feasible or found, objectives)
     return ranked[0] if ranked else None
 
 
