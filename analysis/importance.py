@@ -32,6 +32,17 @@ class NotEnoughTrials(StainSearchError):
     """Too few complete trials (or parameters that never varied) to rank parameters."""
 
 
+def dashboard_note(study: optuna.Study) -> str | None:
+    """optuna-dashboard charts parameter importance from any number of trials;
+    the report leaves it out below ``MIN_TRIALS`` complete ones: one line saying
+    so before the dashboard serves, or None."""
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if done >= MIN_TRIALS:
+        return None
+    return (f"note: {done} complete trial(s): the dashboard's parameter importance is "
+            f"unreliable below {MIN_TRIALS} (`stain-search report` leaves it out until then)")
+
+
 def _fanova(n_complete: int):
     return optuna.importance.FanovaImportanceEvaluator(seed=0)
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from stain_search.cli_parser import build_parser
+from stain_search.cli_warnings import one_line_warnings
 from stain_search.progress import is_terminal, progress_enabled
 from stain_search.errors import EXIT_INTERRUPTED, ConfigError, SearchInterrupted, StainSearchError
 
@@ -225,7 +226,7 @@ def cmd_spaces(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from stain_search.services import check_port_free, serve, server_log
-    from stain_search.mlflow_ui import ui_links
+    from stain_search.mlflow_ui import ui_environment, ui_links
     from stain_search.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -263,31 +264,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
                  what="the MLflow UI", announce=announce)
 
 
-def ui_environment() -> dict[str, str]:
-    """The UI server's environment: MLflow's job runner off unless the user set
-    it. Its huey consumers run GenAI jobs (LLM scorers, prompt optimisation)
-    that a training search never submits; with them, one viewer was 11
-    processes, ~2.7 GiB and ~50 s of CPU in its first 35 s on 2 cores,
-    beside the training it shows (without: 2 processes, ~0.5 GiB, ~13 s)."""
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-
-
-def importance_note(name: str, journal: Path) -> str | None:
-    """optuna-dashboard charts parameter importance from any number of trials;
-    the report leaves it out below MIN_TRIALS complete ones. Say so there too."""
-    import optuna
-
-    from stain_search.analysis.importance import MIN_TRIALS
-    from stain_search.study import open_study
-
-    done = len(open_study(name, journal).get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    if done >= MIN_TRIALS:
-        return None
-    return (f"note: {done} complete trial(s): the dashboard's parameter importance is "
-            f"unreliable below {MIN_TRIALS} (`stain-search report` leaves it out until then)")
-
-
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import shutil
 
@@ -304,7 +280,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if program is None:
         raise ConfigError("optuna-dashboard is not installed: pip install 'stain-search[dashboard]'")
     check_port_free(args.host, args.port)
-    note = importance_note(args.name, journal)
+    from stain_search.analysis.importance import dashboard_note
+    from stain_search.study import open_study
+
+    note = dashboard_note(open_study(args.name, journal))
     if note:
         print(note, flush=True)
     log = server_log("optuna-dashboard", args.port)
@@ -488,32 +467,6 @@ VERBS = {
     "translate": cmd_translate,
     "weights": cmd_weights,
 }
-
-
-OURS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "trainables")
-
-
-@contextlib.contextmanager
-def one_line_warnings():
-    """The library's own warnings (``warnings.warn`` in stain_search, as a
-    library should) shown as one line, ``stain-search: warning: …``, not as
-    Python's file, line number and source line; anyone else's as Python shows them."""
-    import warnings
-
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        where = Path(filename).resolve()
-        if issubclass(category, UserWarning) and any(where.is_relative_to(d) for d in OURS):
-            print(f"stain-search: warning: {message}", file=file or sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
 
 
 def main(argv: list[str] | None = None) -> int:

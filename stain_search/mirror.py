@@ -28,7 +28,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from stain_search.checkpoint import META_FILE, PREFIX, STATE_FILE, STATE_POINTER, prune_checkpoints
+from stain_search.checkpoint import (META_FILE, PREFIX, STATE_FILE, STATE_POINTER, checkpoint_name,
+                                     prune_checkpoints)
 from stain_search.storage import Remote
 
 # ``sdir`` below is a stain_search.search_dir.SearchDir (which calls this module).
@@ -184,8 +185,6 @@ def pull_checkpoint(remote: Remote, scratch: Path, *, epoch: int) -> Path | None
     """A trial's complete checkpoint of ``epoch``, or its newest if that one is
     no longer kept, weights included, from the store into ``scratch`` (a PBT
     exploit takes its donor's); None if it has none."""
-    from stain_search.checkpoint import checkpoint_name
-
     listing = [r for r, is_dir in remote.list(recursive=True) if not is_dir]
     complete = sorted(name for name in {r.split("/")[0] for r in listing if r.startswith(PREFIX)}
                       if {f"{name}/{META_FILE}", f"{name}/{STATE_FILE}"} <= set(listing))

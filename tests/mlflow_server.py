@@ -68,7 +68,7 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
         proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True,
                                 # no GenAI job runners (8 processes, ~40 s of CPU):
-                                # not what these tests are about (cli.ui_environment)
+                                # not what these tests are about (mlflow_ui.ui_environment)
                                 env={**os.environ, "MLFLOW_TRACKING_URI": "",
                                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:

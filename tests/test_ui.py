@@ -122,7 +122,7 @@ def _cmdline(p: psutil.Process) -> str:
 def server_tree(proc: subprocess.Popen) -> list[psutil.Process]:
     """stain-search's process tree once the UI answers: MLflow's CLI and its
     uvicorn server, and none of MLflow's job consumers (huey), which the UI
-    turns off (cli.ui_environment): they would start after the first answer."""
+    turns off (mlflow_ui.ui_environment): they would start after the first answer."""
     tree = psutil.Process(proc.pid).children(recursive=True)
     mlflow = [p for p in tree if "-m mlflow ui" in _cmdline(p)]
     assert mlflow, [_cmdline(p) for p in tree]
